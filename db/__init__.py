@@ -1,0 +1,1 @@
+"""PostgreSQL access: the pool, the migrations and the migration runner."""

@@ -1,0 +1,34 @@
+"""What a running job knows about itself: its request id and its outbox row."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+from dramatiq.middleware import CurrentMessage
+
+from worker.middleware import request_id_var
+
+
+def request_id() -> str:
+    """The job's request id (propagated as X-Request-ID); a new UUID outside a job."""
+    return request_id_var.get() or str(uuid.uuid4())
+
+
+def current_outbox_id() -> int | None:
+    message = CurrentMessage.get_current_message()
+    return None if message is None else message.options.get("outbox_id")
+
+
+def mark_outbox_done(conn: psycopg.Connection) -> None:
+    """Mark this job's outbox row done inside the caller's transaction (with its effects)."""
+    outbox_id = current_outbox_id()
+    if outbox_id is not None:
+        conn.execute("UPDATE job_outbox SET done_at = now() WHERE id = %s AND done_at IS NULL", (outbox_id,))
+
+
+def mark_outbox_done_by_id(outbox_id: int) -> None:
+    from db.pool import transaction
+
+    with transaction() as conn:
+        conn.execute("UPDATE job_outbox SET done_at = now() WHERE id = %s AND done_at IS NULL", (outbox_id,))

@@ -1,0 +1,128 @@
+"""The outbox relay: moves `job_outbox` rows to the broker, at least once.
+
+Several relays may run (one beside each worker pool): each takes a batch with
+`FOR UPDATE SKIP LOCKED`, sends it, and marks it relayed in the same transaction. A crash
+between send and commit sends the batch again; jobs are idempotent, so effects stay exact.
+A row relayed long ago but never done (Redis lost the message) is relayed again. Rows that
+cannot become a message (unknown job, payload not an object) are closed with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import dramatiq
+import psycopg
+
+from db.pool import connect, transaction
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 500
+POLL_INTERVAL_S = 2.0
+# A message relayed this long ago whose job never finished is presumed lost with Redis.
+REDELIVER_AFTER = timedelta(minutes=10)
+_REQUEST_ID_NS = uuid.UUID("5d1f6c1e-2a7b-4d8e-9c43-6f0b1d2e3a45")
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    sent: int
+    rejected: int
+
+
+def _message_for(broker: dramatiq.Broker, row: dict) -> tuple[dramatiq.Message | None, str | None]:
+    try:
+        actor = broker.get_actor(row["job"])
+    except dramatiq.errors.ActorNotFound:
+        return None, f"unknown job {row['job']!r}"
+    if not isinstance(row["payload"], dict):
+        return None, "payload is not a JSON object"
+    message = actor.message_with_options(
+        kwargs=row["payload"],
+        outbox_id=row["id"],
+        # Deterministic, so a re-relayed job keeps its request id across provider calls.
+        request_id=str(uuid.uuid5(_REQUEST_ID_NS, row["idempotency_key"])),
+    )
+    return message, None
+
+
+def relay_once(limit: int = BATCH_SIZE, *, redeliver_after: timedelta = REDELIVER_AFTER) -> RelayResult:
+    """Relay up to `limit` due rows; return how many were sent and rejected."""
+    broker = dramatiq.get_broker()
+    with transaction() as conn:
+        rows = conn.execute(
+            """SELECT id, job, payload, idempotency_key
+                 FROM job_outbox
+                WHERE done_at IS NULL AND error IS NULL AND available_at <= now()
+                  AND (relayed_at IS NULL OR relayed_at < now() - %s)
+                ORDER BY id
+                LIMIT %s
+                FOR UPDATE SKIP LOCKED""",
+            (redeliver_after, limit),
+        ).fetchall()
+        sent: list[int] = []
+        rejected: list[tuple[str, int]] = []
+        for row in rows:
+            message, problem = _message_for(broker, row)
+            if message is None:
+                rejected.append((problem or "invalid", row["id"]))
+                continue
+            broker.enqueue(message)
+            sent.append(row["id"])
+        if sent:
+            conn.execute(
+                "UPDATE job_outbox SET relayed_at = now(), relay_count = relay_count + 1 WHERE id = ANY(%s)",
+                (sent,),
+            )
+        if rejected:
+            conn.cursor().executemany("UPDATE job_outbox SET error = %s WHERE id = %s", rejected)
+    for reason, row_id in rejected:
+        log.error("outbox row %s rejected: %s", row_id, reason)
+    return RelayResult(sent=len(sent), rejected=len(rejected))
+
+
+def drain(limit: int = BATCH_SIZE) -> int:
+    """Relay until nothing is due; return the number sent."""
+    total = 0
+    while True:
+        result = relay_once(limit)
+        total += result.sent
+        if result.sent + result.rejected < limit:
+            return total
+
+
+def run_relay(stop_after: float | None = None) -> None:
+    """Relay forever: wake on NOTIFY job_outbox, and poll every POLL_INTERVAL_S regardless."""
+    deadline = None if stop_after is None else time.monotonic() + stop_after
+    failures = 0
+    while deadline is None or time.monotonic() < deadline:
+        try:
+            with connect(autocommit=True) as listener:
+                listener.execute("LISTEN job_outbox")
+                failures = 0
+                while deadline is None or time.monotonic() < deadline:
+                    drain()
+                    # Any notification (or the timeout) starts the next pass.
+                    for _ in listener.notifies(timeout=POLL_INTERVAL_S, stop_after=1):
+                        pass
+        except (psycopg.OperationalError, OSError) as error:
+            failures += 1
+            wait = min(2 ** failures, 30)
+            log.warning("outbox relay lost its connection (%s); retrying in %s s", type(error).__name__, wait)
+            time.sleep(wait)
+
+
+def run_relay_fork() -> int:
+    """Entry point of the relay fork that Dramatiq starts beside each worker pool."""
+    import jobs  # noqa: F401  (installs the broker and registers the actors)
+    from worker.logs import setup_logging
+
+    setup_logging()
+    log.info("outbox relay started")
+    run_relay()
+    return 0

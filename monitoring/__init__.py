@@ -1,0 +1,1 @@
+"""Monitoring: metrics, the health server, alert rules, Slack and Sentry."""

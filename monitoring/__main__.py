@@ -1,0 +1,3 @@
+from monitoring.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,327 @@
+"""The scheduler: APScheduler cron triggers in Europe/Oslo, one leader, every slot fired once.
+
+Any number of replicas may run. The leader holds a PostgreSQL advisory lock on a dedicated
+connection (TCP keepalives make a vanished leader's lock fall within ~30 s); standbys try to
+take it every few seconds. A fire is exact whatever happens to leadership: it inserts
+`scheduler_fires (job, slot)` (primary key) and the outbox row with idempotency key
+`schedule:<job>:<slot>` in one transaction, so a slot is enqueued once even if two processes
+believe they lead (APScheduler cannot share a job store between processes, so exactness lives
+in PostgreSQL, not in APScheduler).
+
+Misfires: on taking leadership, and on every tick, the latest slot of each schedule that was
+not fired is fired once if it is still within the schedule's grace time (coalesced); older
+missed slots are recorded as `missed`, never replayed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import psycopg
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from prometheus_client import Gauge, start_http_server
+
+log = logging.getLogger("scheduler")
+
+OSLO = ZoneInfo("Europe/Oslo")
+LEASE_CHECK_INTERVAL_S = 5.0
+HEARTBEAT_TTL_S = 30
+MAX_MISSED_RECORDED = 100  # per schedule and catch-up pass: a long outage is summarised, not listed
+
+
+@dataclass(frozen=True)
+class Schedule:
+    job: str
+    trigger: CronTrigger
+    grace: timedelta
+    why: str
+
+
+# All periodic work, in one readable place (times are Europe/Oslo wall-clock).
+SCHEDULES: tuple[Schedule, ...] = (
+    Schedule(
+        "aisp.refresh_all",
+        CronTrigger(hour="0,6,12,18", minute=15, timezone=OSLO),
+        timedelta(hours=1),
+        "unattended balance refresh, 4 slots a day ~6 h apart (PSD2: at most 4 reads/24 h)",
+    ),
+    Schedule(
+        "sca.expire_timeouts",
+        CronTrigger(minute="*", timezone=OSLO),
+        timedelta(seconds=55),
+        "fail payments past their SCA deadline; the next minute covers a missed one",
+    ),
+    Schedule(
+        "pisp.sweep",
+        CronTrigger(minute="*", timezone=OSLO),
+        timedelta(seconds=55),
+        "re-derive due payment polls from PostgreSQL (survives lost messages)",
+    ),
+    Schedule(
+        "housekeeping.prune",
+        CronTrigger(hour=3, minute=30, timezone=OSLO),
+        timedelta(hours=6),
+        "prune processed_events past the dedup window, done outbox rows, handled dead letters",
+    ),
+)
+
+FIRE_AGE = Gauge(
+    "drop_scheduler_last_fire_timestamp_seconds", "Unix time of the last slot fired, per job", ["job"]
+)
+IS_LEADER = Gauge("drop_scheduler_is_leader", "1 if this scheduler replica is the leader")
+HEARTBEAT = Gauge("drop_scheduler_heartbeat_timestamp_seconds", "Unix time of this replica's last loop")
+
+
+# --- pure slot arithmetic ------------------------------------------------------------------
+
+
+def latest_slot(trigger: CronTrigger, now: datetime, *, lookback: timedelta) -> datetime | None:
+    """The latest fire time of `trigger` in (now - lookback, now], or None."""
+    start = now - lookback
+    slot = trigger.get_next_fire_time(None, start)
+    latest = None
+    while slot is not None and slot <= now:
+        latest = slot
+        slot = trigger.get_next_fire_time(slot, slot + timedelta(microseconds=1))
+    return latest
+
+
+def slots_between(trigger: CronTrigger, after: datetime, until: datetime, *, limit: int) -> list[datetime]:
+    """Fire times in (after, until], at most the `limit` most recent."""
+    found: list[datetime] = []
+    slot = trigger.get_next_fire_time(None, after + timedelta(microseconds=1))
+    while slot is not None and slot <= until:
+        found.append(slot)
+        if len(found) > limit:
+            found.pop(0)
+        slot = trigger.get_next_fire_time(slot, slot + timedelta(microseconds=1))
+    return found
+
+
+def slot_key(job: str, slot: datetime) -> str:
+    return f"schedule:{job}:{slot.astimezone(OSLO).isoformat()}"
+
+
+# --- the effects (PostgreSQL) ---------------------------------------------------------------
+
+
+def fire(schedule: Schedule, slot: datetime, leader: str) -> bool:
+    """Enqueue `schedule.job` for `slot` exactly once; False if the slot was already taken."""
+    import jobs
+    from db.pool import transaction
+
+    with transaction() as conn:
+        taken = conn.execute(
+            """INSERT INTO scheduler_fires (job, slot, status, leader) VALUES (%s, %s, 'fired', %s)
+               ON CONFLICT (job, slot) DO NOTHING RETURNING job""",
+            (schedule.job, slot, leader),
+        ).fetchone()
+        if taken is None:
+            return False
+        outbox_id = jobs.enqueue(
+            schedule.job,
+            {"slot": slot.astimezone(OSLO).isoformat()},
+            idempotency_key=slot_key(schedule.job, slot),
+            conn=conn,
+        )
+        conn.execute(
+            "UPDATE scheduler_fires SET outbox_id = %s WHERE job = %s AND slot = %s",
+            (outbox_id, schedule.job, slot),
+        )
+    FIRE_AGE.labels(schedule.job).set(slot.timestamp())
+    log.info("fired %s for slot %s", schedule.job, slot.isoformat())
+    return True
+
+
+def catch_up(schedule: Schedule, now: datetime, leader: str) -> dict[str, int]:
+    """Fire the latest due slot if within grace; record older unfired slots as missed."""
+    from db.pool import transaction
+
+    with transaction() as conn:
+        row = conn.execute("SELECT max(slot) AS last FROM scheduler_fires WHERE job = %s", (schedule.job,)).fetchone()
+    last = row["last"]
+    fired = missed = 0
+    due = latest_slot(schedule.trigger, now, lookback=schedule.grace)
+    if last is not None:
+        horizon = due if due is not None else now + timedelta(microseconds=1)
+        gaps = [s for s in slots_between(schedule.trigger, last, now, limit=MAX_MISSED_RECORDED) if s < horizon]
+        if gaps:
+            with transaction() as conn:
+                for s in gaps:
+                    missed += conn.execute(
+                        """INSERT INTO scheduler_fires (job, slot, status, leader) VALUES (%s, %s, 'missed', %s)
+                           ON CONFLICT (job, slot) DO NOTHING""",
+                        (schedule.job, s, leader),
+                    ).rowcount
+            if missed:
+                log.warning("%s: %d slot(s) missed during an outage were recorded, not replayed", schedule.job, missed)
+    if due is not None and fire(schedule, due, leader):
+        fired = 1
+    return {"fired": fired, "missed": missed}
+
+
+# --- leadership -----------------------------------------------------------------------------
+
+
+class Leadership:
+    """A PostgreSQL advisory-lock lease on a dedicated connection."""
+
+    def __init__(self, conninfo: str, identity: str) -> None:
+        self.conninfo = conninfo
+        self.identity = identity
+        self.conn: psycopg.Connection | None = None
+        self.since: float | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.conn is not None
+
+    def _lock_sql(self, fn: str) -> str:
+        return f"SELECT {fn}(hashtext('drop-worker:scheduler:' || current_schema())) AS ok"
+
+    def check(self) -> bool:
+        """Keep or try to take the lease; return whether we lead now."""
+        if self.conn is not None:
+            try:
+                self.conn.execute("SELECT 1")
+                return True
+            except psycopg.Error:
+                log.warning("lost the scheduler lease (database connection broken)")
+                self._drop()
+                return False
+        try:
+            conn = psycopg.connect(
+                self.conninfo, autocommit=True, keepalives=1, keepalives_idle=10,
+                keepalives_interval=5, keepalives_count=3, connect_timeout=5,
+            )
+        except psycopg.Error as error:
+            log.warning("cannot reach PostgreSQL for the scheduler lease: %s", type(error).__name__)
+            return False
+        got = conn.execute(self._lock_sql("pg_try_advisory_lock")).fetchone()[0]
+        if got:
+            self.conn, self.since = conn, time.time()
+            log.info("this replica (%s) is now the scheduler leader", self.identity)
+            return True
+        conn.close()
+        return False
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+        self.conn, self.since = None, None
+
+    def release(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.execute(self._lock_sql("pg_advisory_unlock"))
+            except psycopg.Error:
+                pass
+        self._drop()
+
+
+def publish_heartbeat(leadership: Leadership) -> None:
+    from worker.redis_client import get_redis, key
+
+    now = time.time()
+    HEARTBEAT.set(now)
+    IS_LEADER.set(1 if leadership.is_leader else 0)
+    if leadership.is_leader:
+        value = {"leader": leadership.identity, "since": leadership.since, "heartbeat": now}
+        get_redis().set(key("scheduler", "leader"), json.dumps(value), ex=HEARTBEAT_TTL_S)
+
+
+# --- the process ----------------------------------------------------------------------------
+
+
+class SchedulerService:
+    def __init__(self, identity: str | None = None, schedules: tuple[Schedule, ...] = SCHEDULES,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        import jobs
+        from db.pool import database_url
+
+        self.identity = identity or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.clock = clock or (lambda: datetime.now(OSLO))
+        known = set(jobs.broker.actors)
+        self.schedules = tuple(s for s in schedules if s.job in known)
+        for s in schedules:
+            if s.job not in known:
+                log.warning("schedule for %s skipped: no such job is registered yet", s.job)
+        self.leadership = Leadership(database_url(), self.identity)
+        self.stop_event = threading.Event()
+        self.aps = BackgroundScheduler(timezone=OSLO)
+        for s in self.schedules:
+            self.aps.add_job(
+                self._tick, s.trigger, args=[s], id=s.job, name=s.why,
+                coalesce=True, max_instances=1, misfire_grace_time=int(s.grace.total_seconds()),
+            )
+
+    def _tick(self, schedule: Schedule) -> None:
+        if not self.leadership.is_leader:
+            return
+        try:
+            catch_up(schedule, self.clock(), self.identity)
+        except Exception:
+            # Not fatal: the next tick (or the next leader) catches up from PostgreSQL.
+            log.exception("firing %s failed", schedule.job)
+
+    def step(self) -> None:
+        was_leader = self.leadership.is_leader
+        leads = self.leadership.check()
+        if leads and not was_leader:
+            for s in self.schedules:
+                self._tick(s)
+        publish_heartbeat(self.leadership)
+
+    def run(self) -> None:
+        self.aps.start()
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    self.step()
+                except Exception:
+                    log.exception("scheduler loop error")
+                self.stop_event.wait(LEASE_CHECK_INTERVAL_S)
+        finally:
+            self.aps.shutdown(wait=False)
+            self.leadership.release()
+            log.info("scheduler %s stopped", self.identity)
+
+
+def main() -> int:
+    from worker.logs import setup_logging
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    setup_logging()
+    service = SchedulerService()
+    if settings.scheduler_metrics_port:
+        start_http_server(settings.scheduler_metrics_port, addr=settings.monitor_host)
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("scheduler received %s, stopping", signal.Signals(signum).name)
+        service.stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("scheduler %s started with %d schedule(s)", service.identity, len(service.schedules))
+    service.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""drop-worker runtime: settings, broker, middleware, provider clients and resilience."""

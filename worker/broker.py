@@ -1,0 +1,107 @@
+"""The Dramatiq broker and its middleware stack, chosen explicitly.
+
+Dramatiq 2.x adds only a default stack (and no Prometheus); we name every middleware so that
+what runs in production is what is read here:
+
+- AgeLimit / TimeLimit: a job older than its actor's `max_age` is dropped to the dead letters;
+  a job running longer than `time_limit` (default 120 s) is interrupted.
+- ShutdownNotifications: SIGTERM interrupts long jobs so they are requeued, not lost.
+- Callbacks, Pipelines: Dramatiq's composition features.
+- Retries: the seed's policy (worker.retry): transient errors only, 1 s/2 s/4 s + jitter, 3 times.
+- AsyncIO: `async def` actors share one event loop per worker process (I/O-bound jobs).
+- CurrentMessage: jobs read their outbox id and request id from the message.
+- Prometheus: job counts and durations, served by the worker on DROP_WORKER_METRICS_PORT.
+- worker.middleware: dead letters recorded in PostgreSQL, outbox rows marked done, request ids,
+  and the outbox relay running as a fork beside each worker pool.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import (
+    AgeLimit,
+    AsyncIO,
+    Callbacks,
+    CurrentMessage,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
+
+from worker import retry
+from worker.settings import Settings, get_settings
+
+DEFAULT_TIME_LIMIT_MS = 120_000
+# A worker that vanished (SIGKILL) is declared dead after this long; its unacked messages are
+# then requeued by the next maintenance pass (see worker.middleware.RequeueDeadWorkers).
+HEARTBEAT_TIMEOUT_MS = 15_000
+
+
+def _prometheus_middleware(settings: Settings) -> dramatiq.Middleware:
+    # dramatiq.middleware.prometheus reads these at import time.
+    prom_dir = (settings.data_dir / "prometheus-worker").resolve()
+    prom_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("dramatiq_prom_db", str(prom_dir))
+    os.environ.setdefault("dramatiq_prom_host", "127.0.0.1")
+    os.environ.setdefault("dramatiq_prom_port", str(settings.worker_metrics_port))
+    from dramatiq.middleware.prometheus import Prometheus
+
+    return Prometheus()
+
+
+def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> RedisBroker:
+    """A Redis broker with drop-worker's middleware stack (not yet made the global broker)."""
+    from worker.middleware import DeadLetters, OutboxBookkeeping, OutboxRelayFork, RequestContext
+
+    settings = settings or get_settings()
+    if not settings.redis_url:
+        raise RuntimeError("REDIS_URL is not set (run through `drop-jobs` or `make run`)")
+    middleware: list[dramatiq.Middleware] = [
+        AgeLimit(),
+        TimeLimit(time_limit=DEFAULT_TIME_LIMIT_MS),
+        ShutdownNotifications(notify_shutdown=True),
+        Callbacks(),
+        Pipelines(),
+        Retries(
+            max_retries=retry.MAX_RETRIES,
+            min_backoff=retry.FIRST_BACKOFF_MS,
+            max_backoff=retry.MAX_BACKOFF_MS,
+            retry_when=retry.should_retry,
+        ),
+        AsyncIO(),
+        CurrentMessage(),
+        RequestContext(),
+        # After Retries: a message is known to be failed (dead) only once Retries has decided.
+        DeadLetters(),
+        OutboxBookkeeping(),
+    ]
+    if metrics:
+        middleware.append(_prometheus_middleware(settings))
+        middleware.append(OutboxRelayFork())
+    return RedisBroker(
+        url=settings.redis_url,
+        namespace=f"{settings.redis_namespace}-dramatiq",
+        middleware=middleware,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
+    )
+
+
+def setup_broker() -> dramatiq.Broker:
+    """Install the broker as Dramatiq's global one (idempotent); actors bind to it on import."""
+    current = dramatiq.get_broker() if _has_global_broker() else None
+    if isinstance(current, RedisBroker) and getattr(current, "_drop_worker", False):
+        return current
+    broker = build_broker()
+    broker._drop_worker = True  # type: ignore[attr-defined]
+    dramatiq.set_broker(broker)
+    return broker
+
+
+def _has_global_broker() -> bool:
+    import dramatiq.broker as broker_module
+
+    return broker_module.global_broker is not None

@@ -1,0 +1,310 @@
+"""`drop-jobs`: the operator's command line.
+
+    drop-jobs run                  start everything (embedded servers when URLs are unset)
+    drop-jobs migrate              apply pending SQL migrations
+    drop-jobs enqueue NAME JSON    enqueue a job through the outbox
+    drop-jobs status [--json]      queues, dead letters, breakers, scheduler, outbox at a glance
+    drop-jobs dlq list|show|replay|purge
+    drop-jobs demo                 load demo data and enqueue demo jobs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from worker.settings import ConfigurationError, get_settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=False))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) for row in rows]
+    return "\n".join(lines)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from db.migrate import migrate
+    from db.pool import database_url
+
+    applied = migrate(database_url())
+    print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+    return 0
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    import jobs
+
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as error:
+        print(f"payload is not valid JSON: {error.msg} at position {error.pos}", file=sys.stderr)
+        return 2
+    if not isinstance(payload, dict):
+        print("payload must be a JSON object", file=sys.stderr)
+        return 2
+    try:
+        outbox_id = jobs.enqueue(args.name, payload, idempotency_key=args.key)
+    except jobs.UnknownJobError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    if outbox_id is None:
+        print(f"already enqueued (idempotency key {args.key!r}); nothing done")
+    else:
+        print(f"enqueued {args.name} as outbox row {outbox_id}")
+    return 0
+
+
+def collect_status() -> dict[str, Any]:
+    """Everything `status` shows, as data (also used by the monitor and tests)."""
+    import jobs
+    from db.pool import transaction
+    from monitoring.probes import breaker_states, queue_stats
+
+    status: dict[str, Any] = {"queues": queue_stats(jobs.broker), "breakers": breaker_states()}
+    with transaction() as conn:
+        status["dead_letters"] = conn.execute(
+            """SELECT job, count(*) AS count, max(failed_at) AS newest
+                 FROM dead_letters WHERE replayed_at IS NULL GROUP BY job ORDER BY job"""
+        ).fetchall()
+        status["outbox"] = conn.execute(
+            """SELECT count(*) FILTER (WHERE done_at IS NULL AND error IS NULL) AS pending,
+                      count(*) FILTER (WHERE done_at IS NULL AND error IS NULL AND relayed_at IS NULL
+                                       AND available_at <= now()) AS unrelayed,
+                      count(*) FILTER (WHERE error IS NOT NULL AND done_at IS NULL) AS failed,
+                      extract(epoch FROM now() - min(available_at)
+                              FILTER (WHERE done_at IS NULL AND error IS NULL AND available_at <= now()))
+                          AS oldest_pending_s
+                 FROM job_outbox"""
+        ).fetchone()
+        status["scheduler"] = conn.execute(
+            """SELECT DISTINCT ON (job) job, slot, status, leader,
+                      extract(epoch FROM now() - fired_at) AS age_s
+                 FROM scheduler_fires ORDER BY job, fired_at DESC"""
+        ).fetchall()
+    from monitoring.probes import scheduler_leader
+
+    status["scheduler_leader"] = scheduler_leader()
+    return status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = collect_status()
+    if args.json:
+        print(json.dumps(status, default=str, indent=2))
+        return 0
+    q = status["queues"]
+    print("QUEUES")
+    print(_table([[r["queue"], r["ready"], r["delayed"], r["dead"]] for r in q], ["queue", "ready", "delayed", "dead(redis)"]))
+    o = status["outbox"]
+    print(
+        f"\nOUTBOX  pending {o['pending']}  not yet relayed {o['unrelayed']}  failed {o['failed']}"
+        f"  oldest pending {_fmt_age(float(o['oldest_pending_s']) if o['oldest_pending_s'] is not None else None)}"
+    )
+    dl = status["dead_letters"]
+    print(f"\nDEAD LETTERS  {sum(r['count'] for r in dl)} open")
+    if dl:
+        print(_table([[r["job"], r["count"], r["newest"].isoformat(timespec="seconds")] for r in dl], ["job", "count", "newest"]))
+    print("\nBREAKERS")
+    br = status["breakers"]
+    print(_table([[name, state] for name, state in br.items()], ["breaker", "state"]) if br else "(none reported yet)")
+    leader = status["scheduler_leader"]
+    print(f"\nSCHEDULER  leader {leader.get('leader', 'none') if leader else 'none'}")
+    if status["scheduler"]:
+        print(
+            _table(
+                [[r["job"], r["slot"].isoformat(timespec="seconds"), r["status"], _fmt_age(float(r["age_s"]))] for r in status["scheduler"]],
+                ["job", "last slot", "status", "ago"],
+            )
+        )
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from worker import dlq
+
+    if args.dlq_command == "list":
+        rows = dlq.list_dead_letters(limit=args.limit, job=args.job)
+        if not rows:
+            print("no open dead letters")
+            return 0
+        print(
+            _table(
+                [[r["id"], r["job"], r["failed_at"].isoformat(timespec="seconds"), r["retries"], r["reason"][:80]] for r in rows],
+                ["id", "job", "failed at", "retries", "reason"],
+            )
+        )
+        return 0
+    if args.dlq_command == "show":
+        row = dlq.get_dead_letter(args.id)
+        if row is None:
+            print(f"no dead letter {args.id}", file=sys.stderr)
+            return 1
+        # Payload keys only: the values may hold personal data (webhook bodies).
+        print(json.dumps(dlq.describe(row), default=str, indent=2))
+        return 0
+    if not args.ids and not args.all:
+        print("name dead-letter ids, or --all", file=sys.stderr)
+        return 2
+    ids = None if args.all else args.ids
+    if args.dlq_command == "replay":
+        count = dlq.replay(ids, job=args.job)
+        print(f"replayed {count} dead letter(s)")
+        return 0
+    if args.dlq_command == "purge":
+        if not args.yes:
+            print("purge deletes dead letters for good; add --yes", file=sys.stderr)
+            return 2
+        count = dlq.purge(ids, job=args.job)
+        print(f"purged {count} dead letter(s)")
+        return 0
+    return 2
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker import demo
+
+    demo.run_demo(watch=not args.no_watch, timeout=args.timeout)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Start the whole system: embedded servers if needed, migrate, Procfile, demo progress."""
+    from worker.embedded import EmbeddedUnavailable, ensure_services
+    from worker.logs import setup_logging
+
+    settings = load_settings()
+    setup_logging()
+    try:
+        services = ensure_services(settings.database_url, settings.redis_url, settings.data_dir)
+    except EmbeddedUnavailable as error:
+        print(f"drop-jobs: {error}", file=sys.stderr)
+        return 2
+    env = dict(os.environ, DATABASE_URL=services.database_url or "", REDIS_URL=services.redis_url or "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ.update(DATABASE_URL=env["DATABASE_URL"], REDIS_URL=env["REDIS_URL"])
+    get_settings.cache_clear()
+    honcho: subprocess.Popen | None = None
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        cmd_migrate(args)
+        procfile = ROOT / "Procfile"
+        honcho = subprocess.Popen(
+            [sys.executable, "-m", "honcho", "start", "-f", str(procfile), "-d", str(ROOT)],
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches honcho through us, once
+        )
+        if not args.no_demo:
+            from worker import demo
+
+            demo.run_demo(watch=True, timeout=args.demo_timeout, should_stop=lambda: stopping)
+        while not stopping and honcho.poll() is None:
+            time.sleep(0.5)
+    finally:
+        if honcho is not None and honcho.poll() is None:
+            print("drop-jobs: stopping (in-flight jobs finish or go back to the queue)…", flush=True)
+            honcho.send_signal(signal.SIGINT)
+            try:
+                honcho.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                honcho.kill()
+        services.stop()
+        print("drop-jobs: stopped", flush=True)
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drop-jobs", description="drop-worker operations")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start worker, scheduler, monitor and sandbox (Procfile)")
+    run.add_argument("--no-demo", action="store_true", help="do not load demo data")
+    run.add_argument("--demo-timeout", type=float, default=120.0)
+    run.set_defaults(func=cmd_run)
+
+    sub.add_parser("migrate", help="apply pending migrations").set_defaults(func=cmd_migrate)
+
+    enqueue = sub.add_parser("enqueue", help="enqueue a job through the outbox")
+    enqueue.add_argument("name")
+    enqueue.add_argument("payload", help="JSON object")
+    enqueue.add_argument("--key", help="idempotency key (default: random)")
+    enqueue.set_defaults(func=cmd_enqueue)
+
+    status = sub.add_parser("status", help="queues, dead letters, breakers, scheduler at a glance")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    dlq = sub.add_parser("dlq", help="dead letters: list, show, replay, purge")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True)
+    lst = dsub.add_parser("list")
+    lst.add_argument("--limit", type=int, default=50)
+    lst.add_argument("--job")
+    show = dsub.add_parser("show")
+    show.add_argument("id", type=int)
+    for name in ("replay", "purge"):
+        p = dsub.add_parser(name)
+        p.add_argument("ids", nargs="*", type=int)
+        p.add_argument("--all", action="store_true")
+        p.add_argument("--job", help="only dead letters of this job")
+        if name == "purge":
+            p.add_argument("--yes", action="store_true")
+    dlq.set_defaults(func=cmd_dlq)
+
+    demo = sub.add_parser("demo", help="load demo data and enqueue demo jobs")
+    demo.add_argument("--no-watch", action="store_true")
+    demo.add_argument("--timeout", type=float, default=120.0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        get_settings()
+    except ConfigurationError as error:
+        print(f"drop-worker: configuration error: {error}", file=sys.stderr)
+        return 2
+    if args.command != "run":
+        from worker.logs import setup_logging
+
+        setup_logging("WARNING")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

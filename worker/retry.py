@@ -1,0 +1,54 @@
+"""The retry policy of seed 000 §3.3, in one place.
+
+Retry only transient failures (provider 500/502/503, timeouts, connection errors, a lost
+database or Redis connection): at most 3 retries, backoff 1 s, 2 s, 4 s with jitter.
+Everything else (4xx, bad payloads, programming errors) fails at once and goes to the
+dead-letter queue with its reason. Dramatiq's Retries middleware applies this policy to every
+actor (`retry_when` and `min_backoff` below); provider clients raise the typed errors it reads.
+"""
+
+from __future__ import annotations
+
+import random
+
+import psycopg
+import redis
+
+MAX_RETRIES = 3
+FIRST_BACKOFF_MS = 1_000
+MAX_BACKOFF_MS = 8_000
+ATTEMPT_TIMEOUT_S = 30.0
+
+
+class TransientError(Exception):
+    """Raise (or subclass) for a failure worth retrying: the next attempt may succeed."""
+
+
+class PermanentError(Exception):
+    """Raise (or subclass) for a failure no retry will fix; the message is dead-lettered."""
+
+
+TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    TransientError,
+    TimeoutError,
+    ConnectionError,
+    psycopg.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_TYPES) and not isinstance(exc, PermanentError)
+
+
+def should_retry(retries_so_far: int, exc: BaseException) -> bool:
+    """Dramatiq `retry_when`: retry transient errors, at most MAX_RETRIES times."""
+    return retries_so_far < MAX_RETRIES and is_transient(exc)
+
+
+def backoff_ms(retries_so_far: int, *, rng: random.Random | None = None) -> int:
+    """1 s, 2 s, 4 s … with up to +50 % jitter (for callers that wait in-process)."""
+    base = FIRST_BACKOFF_MS * (2 ** min(retries_so_far, 10))
+    jitter = (rng or random).uniform(0, 0.5)
+    return min(int(base * (1 + jitter)), MAX_BACKOFF_MS)

@@ -1,0 +1,157 @@
+"""The one place where configuration is read (12-factor, from the environment).
+
+Every variable of DESIGN.md's table is here. Secrets are `SecretStr`, so printing a
+Settings object never shows them. `load_settings()` is what processes call at start: it
+validates and, on a problem, exits with one line naming the variable (never its value).
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["development", "staging", "production"]
+
+# Required when DROP_ENV=production: no embedded servers, no unsigned provider calls, and an
+# on-call channel that is not just a log file.
+PRODUCTION_REQUIRED = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "NEONOMICS_CLIENT_ID",
+    "NEONOMICS_CLIENT_SECRET",
+    "SUMSUB_APP_TOKEN",
+    "SUMSUB_SECRET_KEY",
+    "SLACK_WEBHOOK_URL",
+)
+
+
+class ConfigurationError(Exception):
+    """A setting is missing or invalid; the message names the variable, never its value."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", populate_by_name=True)
+
+    # --- DESIGN.md contract -------------------------------------------------------------
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    drop_env: Environment = Field(default="development", validation_alias="DROP_ENV")
+
+    neonomics_api_url: str = Field(default="https://api.neonomics.io", validation_alias="NEONOMICS_API_URL")
+    neonomics_client_id: str | None = Field(default=None, validation_alias="NEONOMICS_CLIENT_ID")
+    neonomics_client_secret: SecretStr | None = Field(
+        default=None, validation_alias="NEONOMICS_CLIENT_SECRET"
+    )
+
+    sumsub_api_url: str = Field(default="https://api.sumsub.com", validation_alias="SUMSUB_API_URL")
+    sumsub_app_token: SecretStr | None = Field(default=None, validation_alias="SUMSUB_APP_TOKEN")
+    sumsub_secret_key: SecretStr | None = Field(default=None, validation_alias="SUMSUB_SECRET_KEY")
+    sumsub_webhook_secret_raw: SecretStr | None = Field(
+        default=None, validation_alias="SUMSUB_WEBHOOK_SECRET"
+    )
+
+    slack_webhook_url: SecretStr | None = Field(default=None, validation_alias="SLACK_WEBHOOK_URL")
+    sentry_dsn: SecretStr | None = Field(default=None, validation_alias="SENTRY_DSN")
+
+    sca_timeout_seconds: int = Field(default=300, gt=0, le=86_400, validation_alias="SCA_TIMEOUT_SECONDS")
+
+    # --- drop-worker's own knobs (DROP_ prefix; not part of the cross-system contract) ----
+    redis_namespace: str = Field(default="drop", validation_alias="DROP_REDIS_NAMESPACE")
+    data_dir: Path = Field(default=Path(".data"), validation_alias="DROP_DATA_DIR")
+    monitor_host: str = Field(default="127.0.0.1", validation_alias="DROP_MONITOR_HOST")
+    monitor_port: int = Field(default=9300, ge=0, le=65535, validation_alias="DROP_MONITOR_PORT")
+    worker_metrics_port: int = Field(default=9191, ge=0, le=65535, validation_alias="DROP_WORKER_METRICS_PORT")
+    scheduler_metrics_port: int = Field(
+        default=9192, ge=0, le=65535, validation_alias="DROP_SCHEDULER_METRICS_PORT"
+    )
+    db_pool_max_size: int = Field(default=10, ge=1, le=200, validation_alias="DROP_DB_POOL_MAX_SIZE")
+    log_level: str = Field(default="INFO", validation_alias="DROP_LOG_LEVEL")
+
+    # Provider layer (worker.breaker, worker.providers, sandbox). Tests shorten the breaker times.
+    provider_timeout_s: float = Field(default=30.0, gt=0, le=300, validation_alias="DROP_PROVIDER_TIMEOUT_S")
+    breaker_fail_max: int = Field(default=3, ge=1, le=1000, validation_alias="DROP_BREAKER_FAIL_MAX")
+    breaker_window_s: float = Field(default=60.0, gt=0, le=3600, validation_alias="DROP_BREAKER_WINDOW_S")
+    breaker_reset_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, validation_alias="DROP_BREAKER_RESET_TIMEOUT_S"
+    )
+    sumsub_rate_limit_per_min: int = Field(default=100, ge=1, le=100_000, validation_alias="DROP_SUMSUB_RATE_LIMIT")
+    sandbox_host: str = Field(default="127.0.0.1", validation_alias="DROP_SANDBOX_HOST")
+    sandbox_port: int = Field(default=8700, ge=0, le=65535, validation_alias="DROP_SANDBOX_PORT")
+
+    @field_validator("redis_namespace")
+    @classmethod
+    def _namespace_is_a_key_prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in " :*?[]"):
+            raise ValueError("must be a plain Redis key prefix (no spaces, ':' or glob characters)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgres://", "postgresql://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @property
+    def sumsub_webhook_secret(self) -> SecretStr | None:
+        """Key for `X-Payload-Digest`; falls back to SUMSUB_SECRET_KEY (DESIGN.md)."""
+        return self.sumsub_webhook_secret_raw or self.sumsub_secret_key
+
+    def missing_for_production(self) -> list[str]:
+        values = {
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "NEONOMICS_CLIENT_ID": self.neonomics_client_id,
+            "NEONOMICS_CLIENT_SECRET": self.neonomics_client_secret,
+            "SUMSUB_APP_TOKEN": self.sumsub_app_token,
+            "SUMSUB_SECRET_KEY": self.sumsub_secret_key,
+            "SLACK_WEBHOOK_URL": self.slack_webhook_url,
+        }
+        return [name for name in PRODUCTION_REQUIRED if not values[name]]
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = first.get("loc") or ("?",)
+    name = str(loc[0]).upper()
+    # pydantic's own str() echoes the input value: never use it, the value may be a secret.
+    return f"{name}: {first.get('msg', 'invalid value')}"
+
+
+def build_settings(**overrides: object) -> Settings:
+    """Validate the environment (plus overrides); raise ConfigurationError naming the variable."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigurationError(_describe(error)) from None
+    if settings.drop_env == "production":
+        missing = settings.missing_for_production()
+        if missing:
+            raise ConfigurationError(f"{missing[0]} is required when DROP_ENV=production")
+    return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return build_settings()
+
+
+def load_settings() -> Settings:
+    """For process entry points: settings, or exit with one clear line (status 2)."""
+    try:
+        return get_settings()
+    except ConfigurationError as error:
+        print(f"drop-worker: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
