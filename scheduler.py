@@ -77,9 +77,7 @@ SCHEDULES: tuple[Schedule, ...] = (
     ),
 )
 
-FIRE_AGE = Gauge(
-    "drop_scheduler_last_fire_timestamp_seconds", "Unix time of the last slot fired, per job", ["job"]
-)
+FIRE_AGE = Gauge("drop_scheduler_last_fire_timestamp_seconds", "Unix time of the last slot fired, per job", ["job"])
 IS_LEADER = Gauge("drop_scheduler_is_leader", "1 if this scheduler replica is the leader")
 HEARTBEAT = Gauge("drop_scheduler_heartbeat_timestamp_seconds", "Unix time of this replica's last loop")
 
@@ -203,8 +201,13 @@ class Leadership:
                 return False
         try:
             conn = psycopg.connect(
-                self.conninfo, autocommit=True, keepalives=1, keepalives_idle=10,
-                keepalives_interval=5, keepalives_count=3, connect_timeout=5,
+                self.conninfo,
+                autocommit=True,
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+                connect_timeout=5,
             )
         except psycopg.Error as error:
             log.warning("cannot reach PostgreSQL for the scheduler lease: %s", type(error).__name__)
@@ -249,8 +252,12 @@ def publish_heartbeat(leadership: Leadership) -> None:
 
 
 class SchedulerService:
-    def __init__(self, identity: str | None = None, schedules: tuple[Schedule, ...] = SCHEDULES,
-                 clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        identity: str | None = None,
+        schedules: tuple[Schedule, ...] = SCHEDULES,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         import jobs
         from db.pool import database_url
 
@@ -266,8 +273,14 @@ class SchedulerService:
         self.aps = BackgroundScheduler(timezone=OSLO)
         for s in self.schedules:
             self.aps.add_job(
-                self._tick, s.trigger, args=[s], id=s.job, name=s.why,
-                coalesce=True, max_instances=1, misfire_grace_time=int(s.grace.total_seconds()),
+                self._tick,
+                s.trigger,
+                args=[s],
+                id=s.job,
+                name=s.why,
+                coalesce=True,
+                max_instances=1,
+                misfire_grace_time=int(s.grace.total_seconds()),
             )
 
     def _tick(self, schedule: Schedule) -> None:

@@ -112,7 +112,7 @@ def run_relay(stop_after: float | None = None) -> None:
                         pass
         except (psycopg.OperationalError, OSError) as error:
             failures += 1
-            wait = min(2 ** failures, 30)
+            wait = min(2**failures, 30)
             log.warning("outbox relay lost its connection (%s); retrying in %s s", type(error).__name__, wait)
             time.sleep(wait)
 

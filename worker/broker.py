@@ -55,17 +55,22 @@ def _prometheus_middleware(settings: Settings) -> dramatiq.Middleware:
 
 def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> RedisBroker:
     """A Redis broker with drop-worker's middleware stack (not yet made the global broker)."""
+    from monitoring.middleware import ErrorCounter, SentryJobs
     from worker.middleware import DeadLetters, OutboxBookkeeping, OutboxRelayFork, RequestContext
 
     settings = settings or get_settings()
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set (run through `drop-jobs` or `make run`)")
     middleware: list[dramatiq.Middleware] = [
+        SentryJobs(),  # first: its scope wraps every other middleware's work (monitoring.middleware)
         AgeLimit(),
         TimeLimit(time_limit=DEFAULT_TIME_LIMIT_MS),
         ShutdownNotifications(notify_shutdown=True),
         Callbacks(),
         Pipelines(),
+        # Dramatiq runs `after_*` hooks in reverse order: DeadLetters, listed before Retries,
+        # sees the message after Retries decided whether it failed for good.
+        DeadLetters(),
         Retries(
             max_retries=retry.MAX_RETRIES,
             min_backoff=retry.FIRST_BACKOFF_MS,
@@ -75,9 +80,8 @@ def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> R
         AsyncIO(),
         CurrentMessage(),
         RequestContext(),
-        # After Retries: a message is known to be failed (dead) only once Retries has decided.
-        DeadLetters(),
         OutboxBookkeeping(),
+        ErrorCounter(),  # job errors → shared Redis window → "Error spike" alert
     ]
     if metrics:
         middleware.append(_prometheus_middleware(settings))

@@ -1,11 +1,11 @@
 """`drop-jobs`: the operator's command line.
 
-    drop-jobs run                  start everything (embedded servers when URLs are unset)
-    drop-jobs migrate              apply pending SQL migrations
-    drop-jobs enqueue NAME JSON    enqueue a job through the outbox
-    drop-jobs status [--json]      queues, dead letters, breakers, scheduler, outbox at a glance
-    drop-jobs dlq list|show|replay|purge
-    drop-jobs demo                 load demo data and enqueue demo jobs
+drop-jobs run                  start everything (embedded servers when URLs are unset)
+drop-jobs migrate              apply pending SQL migrations
+drop-jobs enqueue NAME JSON    enqueue a job through the outbox
+drop-jobs status [--json]      queues, dead letters, breakers, scheduler, outbox at a glance
+drop-jobs dlq list|show|replay|purge
+drop-jobs demo                 load demo data and enqueue demo jobs
 """
 
 from __future__ import annotations
@@ -120,7 +120,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     q = status["queues"]
     print("QUEUES")
-    print(_table([[r["queue"], r["ready"], r["delayed"], r["dead"]] for r in q], ["queue", "ready", "delayed", "dead(redis)"]))
+    print(
+        _table(
+            [[r["queue"], r["ready"], r["delayed"], r["dead"]] for r in q], ["queue", "ready", "delayed", "dead(redis)"]
+        )
+    )
     o = status["outbox"]
     print(
         f"\nOUTBOX  pending {o['pending']}  not yet relayed {o['unrelayed']}  failed {o['failed']}"
@@ -129,7 +133,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     dl = status["dead_letters"]
     print(f"\nDEAD LETTERS  {sum(r['count'] for r in dl)} open")
     if dl:
-        print(_table([[r["job"], r["count"], r["newest"].isoformat(timespec="seconds")] for r in dl], ["job", "count", "newest"]))
+        print(
+            _table(
+                [[r["job"], r["count"], r["newest"].isoformat(timespec="seconds")] for r in dl],
+                ["job", "count", "newest"],
+            )
+        )
     print("\nBREAKERS")
     br = status["breakers"]
     print(_table([[name, state] for name, state in br.items()], ["breaker", "state"]) if br else "(none reported yet)")
@@ -138,7 +147,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status["scheduler"]:
         print(
             _table(
-                [[r["job"], r["slot"].isoformat(timespec="seconds"), r["status"], _fmt_age(float(r["age_s"]))] for r in status["scheduler"]],
+                [
+                    [r["job"], r["slot"].isoformat(timespec="seconds"), r["status"], _fmt_age(float(r["age_s"]))]
+                    for r in status["scheduler"]
+                ],
                 ["job", "last slot", "status", "ago"],
             )
         )
@@ -155,7 +167,10 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             return 0
         print(
             _table(
-                [[r["id"], r["job"], r["failed_at"].isoformat(timespec="seconds"), r["retries"], r["reason"][:80]] for r in rows],
+                [
+                    [r["id"], r["job"], r["failed_at"].isoformat(timespec="seconds"), r["retries"], r["reason"][:80]]
+                    for r in rows
+                ],
                 ["id", "job", "failed at", "retries", "reason"],
             )
         )

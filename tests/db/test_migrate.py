@@ -24,11 +24,26 @@ def test_applies_everything_once_and_records_it(empty_schema):
     assert migrate(empty_schema) == []
     with psycopg.connect(empty_schema) as conn:
         recorded = [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
-        tables = {r[0] for r in conn.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
+        tables = {
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            )
+        }
     assert recorded == versions
-    assert {"users", "screening_results", "processed_events", "audit_log", "notifications", "bank_accounts",
-            "aisp_reads", "transactions", "job_outbox", "dead_letters", "scheduler_fires"} <= tables
+    assert {
+        "users",
+        "screening_results",
+        "processed_events",
+        "audit_log",
+        "notifications",
+        "bank_accounts",
+        "aisp_reads",
+        "transactions",
+        "job_outbox",
+        "dead_letters",
+        "scheduler_fires",
+    } <= tables
 
 
 def test_two_processes_starting_at_once_apply_each_migration_once(empty_schema):

@@ -1,0 +1,74 @@
+"""`drop-jobs`: what on-call types at 3 a.m."""
+
+import json
+
+import dramatiq
+
+from jobs.outbox import relay_once
+from tests.conftest import wait_for
+from worker.cli import main
+
+CALLS: list[str] = []
+
+
+@dramatiq.actor(actor_name="test.cli_fails_until_fixed", queue_name="test")
+def fails_until_fixed(tag: str) -> None:
+    CALLS.append(tag)
+    if "fixed" not in CALLS:
+        raise ValueError("downstream rejected the request")
+
+
+def test_enqueue_and_status(db, sql, broker, capsys):
+    assert main(["enqueue", "housekeeping.prune", "{}", "--key", "k1"]) == 0
+    assert "enqueued housekeeping.prune" in capsys.readouterr().out
+    assert main(["enqueue", "housekeeping.prune", "{}", "--key", "k1"]) == 0
+    assert "already enqueued" in capsys.readouterr().out
+    assert main(["enqueue", "no.such", "{}"]) == 2
+    assert "unknown job 'no.such'" in capsys.readouterr().err
+    assert main(["enqueue", "housekeeping.prune", "{not json"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+    relay_once()
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    maintenance = next(q for q in status["queues"] if q["queue"] == "maintenance")
+    assert maintenance["ready"] == 1
+    assert status["outbox"]["pending"] == 1 and status["outbox"]["unrelayed"] == 0
+    assert main(["status"]) == 0
+    text = capsys.readouterr().out
+    for heading in ("QUEUES", "OUTBOX", "DEAD LETTERS", "BREAKERS", "SCHEDULER"):
+        assert heading in text
+
+
+def test_dlq_list_show_replay_purge(db, sql, worker, relay, capsys):
+    CALLS.clear()
+    import jobs
+
+    for n in range(2):
+        jobs.enqueue("test.cli_fails_until_fixed", {"tag": f"attempt-{n}"})
+    wait_for(lambda: len(sql("SELECT id FROM dead_letters")) == 2, what="two dead letters")
+
+    assert main(["dlq", "list"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("test.cli_fails_until_fixed") == 2 and "downstream rejected the request" in out
+
+    ids = [r["id"] for r in sql("SELECT id FROM dead_letters ORDER BY message->'kwargs'->>'tag'")]
+    assert main(["dlq", "show", str(ids[0])]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["payload_keys"] == ["tag"] and "attempt-0" not in json.dumps(shown)  # keys, never values
+
+    CALLS.append("fixed")  # the downstream problem is fixed; replay one
+    assert main(["dlq", "replay", str(ids[0])]) == 0
+    assert "replayed 1" in capsys.readouterr().out
+    wait_for(
+        lambda: sql("SELECT count(*) AS n FROM job_outbox WHERE done_at IS NOT NULL")[0]["n"] == 1,
+        what="replayed job done",
+    )
+    assert CALLS.count("attempt-0") == 2 and CALLS.count("attempt-1") == 1
+
+    assert main(["dlq", "purge", "--all"]) == 2  # needs --yes
+    assert main(["dlq", "purge", "--all", "--yes"]) == 0
+    assert "purged 1" in capsys.readouterr().out
+    assert sql("SELECT count(*) AS n FROM dead_letters WHERE replayed_at IS NULL")[0]["n"] == 0
+    assert main(["dlq", "list"]) == 0
+    assert "no open dead letters" in capsys.readouterr().out

@@ -1,0 +1,107 @@
+"""The middleware stack: the seed's retry policy, dead letters in PostgreSQL, request ids."""
+
+import time
+
+import dramatiq
+import pytest
+
+import jobs
+from jobs.context import request_id
+from tests.conftest import wait_for
+from worker import retry
+
+ATTEMPTS: dict[str, list[float]] = {}
+SEEN_REQUEST_IDS: list[str] = []
+
+
+@dramatiq.actor(actor_name="test.flaky", queue_name="test")
+def flaky(tag: str, fail_times: int) -> None:
+    ATTEMPTS.setdefault(tag, []).append(time.monotonic())
+    if len(ATTEMPTS[tag]) <= fail_times:
+        raise retry.TransientError("provider answered 503")
+
+
+@dramatiq.actor(actor_name="test.broken", queue_name="test")
+def broken(tag: str) -> None:
+    ATTEMPTS.setdefault(tag, []).append(time.monotonic())
+    raise ValueError("payload field 'amount' is not a number")
+
+
+@dramatiq.actor(actor_name="test.whoami", queue_name="test")
+def whoami() -> None:
+    SEEN_REQUEST_IDS.append(request_id())
+
+
+def test_the_stack_is_explicit():
+    names = [type(m).__name__ for m in jobs.broker.middleware]
+    for expected in (
+        "AgeLimit",
+        "TimeLimit",
+        "ShutdownNotifications",
+        "Retries",
+        "AsyncIO",
+        "CurrentMessage",
+        "DeadLetters",
+        "OutboxBookkeeping",
+    ):
+        assert expected in names
+    assert names.index("DeadLetters") < names.index("Retries")  # after-hooks run in reverse
+
+
+@pytest.mark.parametrize(
+    ("retries_so_far", "exc", "expected"),
+    [
+        (0, retry.TransientError(), True),
+        (2, TimeoutError(), True),
+        (3, retry.TransientError(), False),  # 3 retries, then dead letter
+        (0, ValueError(), False),  # never retry what no retry fixes
+        (0, retry.PermanentError(), False),
+    ],
+)
+def test_retry_policy(retries_so_far, exc, expected):
+    assert retry.should_retry(retries_so_far, exc) is expected
+
+
+def test_backoff_is_1_2_4_seconds_with_jitter():
+    for attempt, base in enumerate((1000, 2000, 4000)):
+        samples = [retry.backoff_ms(attempt) for _ in range(200)]
+        assert min(samples) >= base and max(samples) <= base * 1.5
+
+
+def test_a_transient_failure_is_retried_and_then_succeeds(db, sql, worker, relay):
+    ATTEMPTS.pop("t1", None)
+    jobs.enqueue("test.flaky", {"tag": "t1", "fail_times": 1})
+    wait_for(lambda: sql("SELECT done_at FROM job_outbox")[0]["done_at"], timeout=20, what="job done")
+    times = ATTEMPTS["t1"]
+    assert len(times) == 2
+    assert 1.0 <= times[1] - times[0] < 4.0  # first backoff: 1–2 s (+ fetch latency)
+    assert sql("SELECT count(*) AS n FROM dead_letters")[0]["n"] == 0
+
+
+def test_a_permanent_failure_is_dead_lettered_at_once_with_its_reason(db, sql, worker, relay):
+    ATTEMPTS.pop("p1", None)
+    outbox_id = jobs.enqueue("test.broken", {"tag": "p1"})
+    rows = wait_for(lambda: sql("SELECT * FROM dead_letters"), what="dead letter")
+    assert len(ATTEMPTS["p1"]) == 1
+    assert rows[0]["job"] == "test.broken"
+    assert rows[0]["reason"] == "ValueError: payload field 'amount' is not a number"
+    assert rows[0]["outbox_id"] == outbox_id
+    outbox = sql("SELECT done_at, error FROM job_outbox")[0]
+    assert outbox["done_at"] is None and outbox["error"].startswith("dead-lettered: ValueError")
+
+
+def test_a_payload_that_does_not_fit_the_job_is_dead_lettered(db, sql, worker, relay):
+    jobs.enqueue("test.flaky", {"tag": "x", "unexpected": 1})
+    rows = wait_for(lambda: sql("SELECT reason FROM dead_letters"), what="dead letter")
+    assert rows[0]["reason"].startswith("TypeError")
+
+
+def test_jobs_carry_a_request_id_stable_across_relays(db, sql, worker, relay):
+    SEEN_REQUEST_IDS.clear()
+    jobs.enqueue("test.whoami", {}, idempotency_key="who-1")
+    wait_for(lambda: SEEN_REQUEST_IDS, what="job ran")
+    import uuid
+
+    from jobs.outbox import _REQUEST_ID_NS
+
+    assert SEEN_REQUEST_IDS == [str(uuid.uuid5(_REQUEST_ID_NS, "who-1"))]
