@@ -174,7 +174,10 @@ class WindowedRedisStorage(pybreaker.CircuitRedisStorage):
         return f"{self._prefix}:{part}"
 
     def _initialize_redis_state(self, state: str) -> None:
-        self._redis.setnx(self._namespace("state"), state)
+        try:
+            self._redis.setnx(self._namespace("state"), state)
+        except redis.RedisError:
+            log.warning("breaker storage %s: Redis unavailable at start", self._prefix)
 
     def increment_counter(self) -> None:
         now_ms = int(time.time() * 1000)
