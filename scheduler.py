@@ -316,23 +316,32 @@ class SchedulerService:
 
 
 def main() -> int:
+    from monitoring import alerts
+    from monitoring.sentry import init_sentry
     from worker.logs import setup_logging
     from worker.settings import load_settings
 
     settings = load_settings()
     setup_logging()
+    alerts.set_process_kind("scheduler")
+    init_sentry("scheduler")
+    alerts.install_crash_alerts("scheduler")
     service = SchedulerService()
     if settings.scheduler_metrics_port:
         start_http_server(settings.scheduler_metrics_port, addr=settings.monitor_host)
+    stopped_by: list[str] = []
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("scheduler received %s, stopping", signal.Signals(signum).name)
+        stopped_by.append(signal.Signals(signum).name)
         service.stop_event.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     log.info("scheduler %s started with %d schedule(s)", service.identity, len(service.schedules))
+    alerts.process_started("scheduler", f"Scheduler replica started with {len(service.schedules)} schedule(s).")
     service.run()
+    alerts.process_stopping("scheduler", f"{stopped_by[0] if stopped_by else 'stop'} received; replica stopped.")
     return 0
 
 

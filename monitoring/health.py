@@ -6,14 +6,14 @@ a dependency hangs; a check that times out fails with reason "timeout".
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 CHECK_TIMEOUT_S = 0.8
-_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="health")
 
 
 def check_postgres() -> dict[str, Any]:
@@ -62,18 +62,42 @@ CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
+_inflight_lock = threading.Lock()
+_inflight: dict[tuple[str, Callable[[], dict[str, Any]]], Future[dict[str, Any]]] = {}
+
+
+def _start(name: str, fn: Callable[[], dict[str, Any]]) -> Future[dict[str, Any]]:
+    """Run a check in its own daemon thread, unless the previous run of it still hangs: then
+    reuse that one. A dependency that hangs therefore ties up one thread, not one per request."""
+    with _inflight_lock:
+        running = _inflight.get((name, fn))
+        if running is not None and not running.done():
+            return running
+        future: Future[dict[str, Any]] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as error:
+                future.set_exception(error)
+
+        threading.Thread(target=run, name=f"health-{name}", daemon=True).start()
+        _inflight[(name, fn)] = future
+        return future
+
+
 def run_checks(checks: dict[str, Callable[[], dict[str, Any]]] | None = None,
                timeout: float = CHECK_TIMEOUT_S) -> tuple[int, dict[str, Any]]:
     """(HTTP status, body): 200 {"status":"ok"} or 503 naming each failing check."""
     checks = checks or CHECKS
-    futures = {name: _executor.submit(fn) for name, fn in checks.items()}
+    futures = {name: _start(name, fn) for name, fn in checks.items()}
     deadline = time.monotonic() + timeout
     results: dict[str, Any] = {}
     for name, future in futures.items():
         try:
             results[name] = future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
-            results[name] = {"ok": False, "reason": "timeout"}
+            results[name] = {"ok": False, "reason": f"timeout: no answer within {timeout:.1f} s"}
         except Exception as error:
             results[name] = {"ok": False, "reason": type(error).__name__}
     failing = sorted(name for name, r in results.items() if not r.get("ok"))

@@ -50,17 +50,33 @@ def serve(host: str, port: int) -> ThreadingHTTPServer:
 
 def main() -> int:
     import jobs  # noqa: F401  (the broker, for queue probes)
+    from monitoring import alerts, rules
+    from monitoring.sentry import flush as sentry_flush
+    from monitoring.sentry import init_sentry
     from worker.logs import setup_logging
     from worker.settings import load_settings
 
     settings = load_settings()
     setup_logging()
+    alerts.set_process_kind("monitor")
+    init_sentry("monitor")
+    alerts.install_crash_alerts("monitor")
     server = serve(settings.monitor_host, settings.monitor_port)
     log.info("monitor listening on http://%s:%d (/v1/health, /metrics)", settings.monitor_host, settings.monitor_port)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    reason: list[str] = []
+
+    def _stop(signum: int, _frame: object) -> None:
+        reason.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    rules.start(stop, settings.monitor_eval_interval_s)
+    alerts.process_started("monitor", f"drop-monitor is up (alert rules every {settings.monitor_eval_interval_s:g} s).")
     stop.wait()
+    alerts.process_stopping("monitor", f"{reason[0] if reason else 'stop'} received; the monitor is shutting down.")
     server.shutdown()
+    sentry_flush()
     log.info("monitor stopped")
     return 0

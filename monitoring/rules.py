@@ -1,0 +1,199 @@
+"""The monitor's alert loop: evaluate the system's state every few seconds, alert and resolve.
+
+Each rule looks at one probe and yields conditions (key, severity, firing?). A firing condition
+that has held for its `for_s` raises `send_alert(key=…)` — deduplicated across monitor replicas
+by Redis, re-sent only after the cooldown while it keeps firing; a condition that stops firing
+sends one "resolved". A probe that fails yields nothing, so "unknown" never resolves an alert.
+
+Thresholds follow seed 000 §7.1 / DESIGN.md; docs/runbook.md has a section per key.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from monitoring.alerts import Severity, active_since, forget_once, once, resolve_alert, send_alert
+
+log = logging.getLogger("monitor.rules")
+
+BREAKER_LONG_OPEN_S = 300  # open > 5 min → Sentry HIGH (DESIGN.md)
+SCHEDULER_SILENT_FOR_S = 60
+WORKERS_DOWN_FOR_S = 60
+OUTBOX_STUCK_AGE_S = 300
+QUEUE_LATENCY_S = 300
+KYC_MIN_RATE = 0.7
+KYC_MIN_REVIEWS = 10  # below this an hour's rate is noise
+AISP_STALE_S = 6 * 3600
+
+
+@dataclass(frozen=True)
+class Condition:
+    key: str
+    firing: bool
+    severity: Severity
+    title: str
+    message: str = ""
+    runbook: str | None = None
+    for_s: float = 0.0
+    cooldown_s: float | None = None
+    sentry: bool = True
+
+
+Rule = Callable[[], Iterator[Condition]]
+
+
+def error_spike() -> Iterator[Condition]:
+    from monitoring.probes import ERROR_WINDOW_S, job_errors
+    from worker.settings import get_settings
+
+    threshold = get_settings().error_spike_threshold
+    counts = job_errors()
+    total = sum(counts.values())
+    top = ", ".join(f"{job}: {n}" for job, n in sorted(counts.items(), key=lambda kv: -kv[1])[:5])
+    yield Condition(
+        "error-spike", total > threshold, Severity.CRITICAL, "Error spike detected",
+        f"{total} job errors in the last {ERROR_WINDOW_S} seconds across all workers ({top}).",
+        runbook="error-spike", cooldown_s=600,
+    )
+
+
+def breakers() -> Iterator[Condition]:
+    from monitoring.probes import breaker_statuses
+
+    for name, status in breaker_statuses().items():
+        key = f"breaker-open:{name}"
+        message = (f"Calls to {name} fail fast: transient provider failures opened the circuit "
+                   f"({status.state}). Jobs keep their cached state and retry later.")
+        yield Condition(key, status.is_open, Severity.CRITICAL, f"Circuit breaker open: {name}", message,
+                        runbook="circuit-breaker-open", sentry=False)
+        # DESIGN.md: open for more than 5 minutes → a HIGH event in Sentry (once per incident).
+        if status.is_open:
+            since = active_since(key)
+            if since is not None and time.time() - since > BREAKER_LONG_OPEN_S and once(f"long-open:{name}", 86_400):
+                from monitoring.sentry import capture_alert
+
+                minutes = int((time.time() - since) // 60)
+                opened = time.strftime("%H:%M UTC", time.gmtime(since))
+                capture_alert("high", f"Circuit breaker {name} open for {minutes} min",
+                              f"{name} has been open or half-open since {opened}",
+                              alert_key=f"breaker-long-open:{name}")
+                log.error("circuit breaker %s open for %d min (reported to Sentry as HIGH)", name, minutes)
+        else:
+            forget_once(f"long-open:{name}")
+
+
+def redis_state() -> Iterator[Condition]:
+    import jobs
+    from monitoring.probes import queue_oldest_age, queue_stats, scheduler_leader, workers_alive
+
+    yield Condition(
+        "scheduler-silent", scheduler_leader() is None, Severity.CRITICAL, "Scheduler silent",
+        "No scheduler leader heartbeat for 30 s: periodic jobs (SCA expiry, payment sweeps, AISP "
+        "refresh) are not being enqueued.",
+        runbook="scheduler-silent", for_s=SCHEDULER_SILENT_FOR_S,
+    )
+    alive = workers_alive(jobs.broker)
+    yield Condition(
+        "workers-down", alive < 1, Severity.CRITICAL, "No workers alive",
+        "No Dramatiq worker heartbeat in the last 30 s: jobs queue up but nothing runs them.",
+        runbook="workers-down", for_s=WORKERS_DOWN_FOR_S,
+    )
+    stats = queue_stats(jobs.broker)
+    ages = queue_oldest_age(jobs.broker, [q["queue"] for q in stats])
+    slow = {q: a for q, a in ages.items() if a > QUEUE_LATENCY_S}
+    yield Condition(
+        "queue-latency", bool(slow), Severity.WARNING, "Queue latency high",
+        "Oldest waiting message: " + ", ".join(f"{q} {int(a)} s" for q, a in sorted(slow.items())),
+        runbook="queue-latency", for_s=60,
+    )
+
+
+def database() -> Iterator[Condition]:
+    from monitoring.probes import database_state
+
+    s = database_state()
+    dead = s["dead_letters"]
+    total = sum(dead.values())
+    yield Condition(
+        "dead-letters", total > 0, Severity.HIGH, "Dead letters waiting",
+        f"{total} job(s) failed for good and wait for a decision ("
+        + ", ".join(f"{job}: {n}" for job, n in list(dead.items())[:5]) + "). `drop-jobs dlq list`.",
+        runbook="dead-letters", cooldown_s=900,
+    )
+    yield Condition(
+        "outbox-stuck", s["outbox_oldest_age_s"] > OUTBOX_STUCK_AGE_S, Severity.HIGH, "Outbox stuck",
+        f"{s['outbox_backlog']} outbox row(s) due; the oldest has waited {int(s['outbox_oldest_age_s'])} s "
+        "for the relay/worker.",
+        runbook="outbox-stuck",
+    )
+    reviewed = s["kyc_reviewed"]
+    rate = s["kyc_approved"] / reviewed if reviewed else 1.0
+    yield Condition(
+        "kyc-approval-low", reviewed >= KYC_MIN_REVIEWS and rate < KYC_MIN_RATE, Severity.HIGH,
+        "KYC approval rate low",
+        f"{rate:.0%} of {reviewed} KYC reviews approved in the last hour (threshold 70 %).",
+        runbook="kyc-approval-rate-low",
+    )
+    yield Condition(
+        "aisp-balances-stale", s["aisp_oldest_age_s"] > AISP_STALE_S, Severity.WARNING, "AISP balances stale",
+        f"Oldest cached balance among {s['aisp_accounts']} valid-consent account(s) is "
+        f"{s['aisp_oldest_age_s'] / 3600:.1f} h old (threshold 6 h).",
+        runbook="aisp-balance-stale",
+    )
+
+
+RULES: tuple[Rule, ...] = (error_spike, breakers, redis_state, database)
+
+
+class Evaluator:
+    """Applies conditions: `for` durations (per replica), then Redis-deduplicated alerts."""
+
+    def __init__(self, rules: tuple[Rule, ...] = RULES) -> None:
+        self.rules = rules
+        self.pending: dict[str, float] = {}
+
+    def evaluate(self) -> dict[str, str]:
+        """One pass; returns {key: "sent" | "suppressed" | "pending" | "resolved" | "ok"}."""
+        outcome: dict[str, str] = {}
+        for rule in self.rules:
+            try:
+                conditions = list(rule())
+            except Exception as error:
+                log.warning("alert rule %s could not evaluate: %s", rule.__name__, type(error).__name__)
+                continue
+            for c in conditions:
+                outcome[c.key] = self._apply(c)
+        return outcome
+
+    def _apply(self, c: Condition) -> str:
+        now = time.monotonic()
+        if not c.firing:
+            self.pending.pop(c.key, None)
+            return "resolved" if resolve_alert(c.key) else "ok"
+        started = self.pending.setdefault(c.key, now)
+        if now - started < c.for_s:
+            return "pending"
+        sent = send_alert(c.severity, c.title, c.message, key=c.key, runbook=c.runbook,
+                          cooldown_s=c.cooldown_s, sentry=c.sentry)
+        return "sent" if sent else "suppressed"
+
+
+def run_loop(stop: threading.Event, interval_s: float, evaluator: Evaluator | None = None) -> None:
+    evaluator = evaluator or Evaluator()
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            evaluator.evaluate()
+        except Exception:
+            log.exception("alert evaluation failed")
+        stop.wait(max(0.1, interval_s - (time.monotonic() - started)))
+
+
+def start(stop: threading.Event, interval_s: float) -> threading.Thread:
+    thread = threading.Thread(target=run_loop, args=(stop, interval_s), name="monitor-rules", daemon=True)
+    thread.start()
+    return thread
