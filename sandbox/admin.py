@@ -82,8 +82,9 @@ class SandboxAdmin:
             body["decision"] = decision
         return self._call("POST", "/sumsub/applicants", body)
 
-    def review(self, applicant_id: str, answer: str = "GREEN", *, reject_type: str | None = None,
+    def review(self, applicant_id: str, answer: str | None = None, *, reject_type: str | None = None,
                labels: list[str] | None = None, delay_s: float = 0) -> dict[str, Any]:
+        """Decide now (GREEN/RED), or with answer=None let the mock draw (90 % GREEN)."""
         body: dict[str, Any] = {"answer": answer, "delay_s": delay_s}
         if reject_type:
             body["reject_type"] = reject_type

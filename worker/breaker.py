@@ -436,7 +436,7 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
 # --- the process's breakers -----------------------------------------------------------------
 
 _registry_lock = threading.Lock()
-_registry: dict[tuple[int, str, str], SharedCircuitBreaker] = {}
+_registry: dict[tuple, SharedCircuitBreaker] = {}
 
 
 def get_breaker(name: str) -> SharedCircuitBreaker:
@@ -444,7 +444,8 @@ def get_breaker(name: str) -> SharedCircuitBreaker:
     if name not in BREAKER_NAMES:
         raise ValueError(f"unknown breaker {name!r}; known: {', '.join(BREAKER_NAMES)}")
     settings = get_settings()
-    registry_key = (os.getpid(), settings.redis_namespace, name)
+    registry_key = (os.getpid(), settings.redis_namespace, name, settings.breaker_fail_max,
+                    settings.breaker_window_s, settings.breaker_reset_timeout_s)
     with _registry_lock:
         breaker = _registry.get(registry_key)
         if breaker is None:
