@@ -50,7 +50,10 @@ def init_sentry(process_kind: str) -> bool:
         before_breadcrumb=_before_breadcrumb,
     )
     # Alerts already reach Sentry through capture_alert(); their log lines would be duplicates.
-    for name in ("monitoring.alerts", "monitoring.slack"):
+    # Dramatiq's worker and middleware loggers print the whole message (args = raw webhook bodies,
+    # names) in "Failed to process message …" / "Retrying message …"; the job's exception itself
+    # reaches Sentry through the Dramatiq integration, without the message.
+    for name in ("monitoring.alerts", "monitoring.slack", "dramatiq.worker.WorkerThread", "dramatiq.middleware.*"):
         ignore_logger(name)
     sentry_sdk.get_global_scope().set_tag("process_kind", process_kind)
     log.info("Sentry on (environment %s, traces %.0f %%)", settings.drop_env,
