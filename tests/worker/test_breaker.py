@@ -158,6 +158,31 @@ def test_concurrent_calls_overlap_in_time():
     assert time.monotonic() - started < 0.9  # serialised it would take 2.4 s
 
 
+def test_async_calls_overlap_and_count():
+    import asyncio
+
+    breaker = make("sumsub")
+
+    async def slow():
+        await asyncio.sleep(0.2)
+        return 1
+
+    async def failing():
+        server_error()
+
+    async def run():
+        started = time.monotonic()
+        results = await asyncio.gather(*(breaker.call_async(slow) for _ in range(5)))
+        assert results == [1] * 5 and time.monotonic() - started < 0.5
+        for _ in range(3):
+            with pytest.raises(ServerError):
+                await breaker.call_async(failing)
+        with pytest.raises(CircuitOpenError):
+            await breaker.call_async(slow)
+
+    asyncio.run(run())
+
+
 def test_plain_pybreaker_would_serialise_issue_55():
     """Why SharedCircuitBreaker.call exists: pybreaker 1.4's call() holds its lock throughout."""
     plain = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=60)
