@@ -137,3 +137,15 @@ scrape_configs:
                 p.kill()
         monitor.shutdown()
         monitor.server_close()
+
+
+def test_dashboard_uses_documented_metrics():
+    import json
+    import re
+
+    dashboard = json.loads((ROOT / "monitoring/grafana-dashboard.json").read_text())
+    documented = (ROOT / "docs/monitoring.md").read_text()
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    names = {n for e in exprs for n in re.findall(r"\b((?:drop|dramatiq|pisp|kyc)_[a-z_]+)", e)}
+    base = {re.sub(r"_(bucket|count|sum)$", "", n) for n in names}
+    assert base and all(n in documented for n in base), sorted(n for n in base if n not in documented)
