@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +207,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the whole system: embedded servers if needed, migrate, Procfile, demo progress."""
+    import threading
+
+    import honcho.manager
+    from honcho.environ import parse_procfile
+
     from worker.embedded import EmbeddedUnavailable, ensure_services
     from worker.logs import setup_logging
 
@@ -222,42 +224,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     env = dict(os.environ, DATABASE_URL=services.database_url or "", REDIS_URL=services.redis_url or "")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # Procfile lines say `python`: make that the interpreter drop-jobs runs under (the venv's).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if settings.drop_env == "development":
+        # Development talks to the sandbox simulator unless real provider URLs are given.
+        sandbox_url = f"http://{settings.sandbox_host}:{settings.sandbox_port}"
+        env.setdefault("NEONOMICS_API_URL", sandbox_url)
+        env.setdefault("SUMSUB_API_URL", sandbox_url)
+        env.setdefault("NEONOMICS_CLIENT_ID", "sandbox-client")
+        env.setdefault("NEONOMICS_CLIENT_SECRET", "sandbox-secret")
+        env.setdefault("SUMSUB_APP_TOKEN", "sandbox-app-token")
+        env.setdefault("SUMSUB_SECRET_KEY", "sandbox-secret-key")
     os.environ.update(DATABASE_URL=env["DATABASE_URL"], REDIS_URL=env["REDIS_URL"])
     get_settings.cache_clear()
-    honcho: subprocess.Popen | None = None
-    stopping = False
-
-    def _stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
     try:
         cmd_migrate(args)
-        procfile = ROOT / "Procfile"
-        honcho = subprocess.Popen(
-            [sys.executable, "-m", "honcho", "start", "-f", str(procfile), "-d", str(ROOT)],
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches honcho through us, once
-        )
+        # honcho SIGKILLs what is still running 5 s after Ctrl-C; give in-flight jobs the time
+        # of one provider call (30 s) to finish. Whatever is killed is requeued by Dramatiq.
+        honcho.manager.KILL_WAIT = 35
+        manager = honcho.manager.Manager()
+        procfiles = [ROOT / "Procfile"]
+        if settings.drop_env == "development":
+            procfiles.append(ROOT / "Procfile.dev")  # the provider sandbox
+        for procfile in procfiles:
+            for name, command in parse_procfile(procfile.read_text()).processes.items():
+                manager.add_process(name, command, env=env, cwd=str(ROOT))
+        finished = threading.Event()
         if not args.no_demo:
             from worker import demo
 
-            demo.run_demo(watch=True, timeout=args.demo_timeout, should_stop=lambda: stopping)
-        while not stopping and honcho.poll() is None:
-            time.sleep(0.5)
+            threading.Thread(
+                target=demo.run_demo,
+                kwargs={"watch": True, "timeout": args.demo_timeout, "should_stop": finished.is_set},
+                name="demo",
+                daemon=True,
+            ).start()
+        manager.loop()  # until Ctrl-C / SIGTERM, or one process exits: then all are stopped
+        finished.set()
     finally:
-        if honcho is not None and honcho.poll() is None:
-            print("drop-jobs: stopping (in-flight jobs finish or go back to the queue)…", flush=True)
-            honcho.send_signal(signal.SIGINT)
-            try:
-                honcho.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                honcho.kill()
         services.stop()
         print("drop-jobs: stopped", flush=True)
-    return 0
+    return int(manager.returncode or 0)
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -39,9 +39,13 @@ class EmbeddedServices:
                 self._redis_proc.kill()
             self._redis_proc = None
         if self._pg is not None:
+            # pgserver stops the server only when it believes it holds the last handle, and a
+            # crashed earlier run leaves stale handles: stop it explicitly (fast shutdown).
+            from pgserver.postgres_server import pg_ctl
+
             try:
-                self._pg.cleanup()  # type: ignore[attr-defined]
-            except Exception:
+                pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self._pg.pgdata, user=self._pg.system_user)  # type: ignore[attr-defined]
+            except Exception:  # best effort at shutdown
                 log.warning("embedded PostgreSQL did not stop cleanly")
             self._pg = None
 
@@ -102,6 +106,8 @@ def start_redis(data_dir: Path) -> tuple[str, subprocess.Popen]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # Its own session: Ctrl-C in the terminal must not stop Redis before the workers.
+        start_new_session=True,
     )
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

@@ -1,0 +1,73 @@
+"""The worker pool entry point (`Procfile: worker`): runs the `dramatiq` CLI, signalled once.
+
+Process managers such as honcho (and systemd's control-group kill) signal every process of the
+group, so Dramatiq's worker processes would get SIGTERM twice — once from the manager and once
+forwarded by Dramatiq's own master — and treat the second as "kill now", cutting in-flight jobs
+short. This wrapper starts the Dramatiq CLI in its own process group and forwards exactly one
+signal, so in-flight jobs finish (or are requeued) within the shutdown timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+# In-flight jobs get this long after SIGTERM; a provider call is bounded by 30 s.
+SHUTDOWN_TIMEOUT_MS = 30_000
+
+
+def dramatiq_command(extra: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "jobs",
+        "--worker-shutdown-timeout",
+        str(SHUTDOWN_TIMEOUT_MS),
+        *extra,
+    ]
+
+
+def metrics_env() -> dict[str, str]:
+    """Multiprocess Prometheus: every worker process writes to one directory that Dramatiq's
+    exposition server reads. It must be in the environment before prometheus_client is first
+    imported, or metrics declared by job modules would stay private to each process."""
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    directory = (settings.data_dir / f"prometheus-worker-{settings.worker_metrics_port}").resolve()
+    shutil.rmtree(directory, ignore_errors=True)  # stale files would add dead processes' counts
+    directory.mkdir(parents=True, exist_ok=True)
+    return {
+        "PROMETHEUS_MULTIPROC_DIR": str(directory),
+        "prometheus_multiproc_dir": str(directory),
+        "dramatiq_prom_db": str(directory),
+        "dramatiq_prom_host": os.environ.get("dramatiq_prom_host", settings.monitor_host),
+        "dramatiq_prom_port": str(settings.worker_metrics_port),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    proc = subprocess.Popen(
+        dramatiq_command(list(sys.argv[1:] if argv is None else argv)),
+        env={**os.environ, **metrics_env()},
+        start_new_session=True,
+    )
+    signalled = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal signalled
+        if not signalled:
+            signalled = True
+            proc.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    return proc.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
