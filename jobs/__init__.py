@@ -69,4 +69,4 @@ def enqueue(
 
 
 # Register the actors (import for side effects; order does not matter).
-from jobs import housekeeping, outbox  # noqa: E402, F401
+from jobs import aisp, housekeeping, kyc, outbox, pisp, sca  # noqa: E402, F401

@@ -137,6 +137,9 @@ def worker(broker, db) -> Iterator[dramatiq.Worker]:
     w.start()
     yield w
     w.stop(timeout=10_000)
+    # A stopped Worker leaves its middleware on the broker, and it would start consumers for
+    # queues declared later; remove it so the next test's queues are not eaten by a ghost.
+    broker.middleware[:] = [m for m in broker.middleware if type(m).__name__ != "_WorkerMiddleware"]
 
 
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):

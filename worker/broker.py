@@ -55,6 +55,9 @@ def _prometheus_middleware(settings: Settings) -> dramatiq.Middleware:
 
 def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> RedisBroker:
     """A Redis broker with drop-worker's middleware stack (not yet made the global broker)."""
+    from worker.logs import install_record_scrubber
+
+    install_record_scrubber()  # every process that has a broker logs through the PII scrubber
     from monitoring.middleware import ErrorCounter, SentryJobs
     from worker.middleware import DeadLetters, OutboxBookkeeping, OutboxRelayFork, RequestContext
 

@@ -1,0 +1,1 @@
+"""Job family aisp (see DESIGN.md)."""

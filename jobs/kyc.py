@@ -1,0 +1,1 @@
+"""Job family kyc (see DESIGN.md)."""

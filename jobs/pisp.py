@@ -1,0 +1,1 @@
+"""Job family pisp (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""Job family sca (see DESIGN.md)."""
