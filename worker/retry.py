@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import random
 
+import dramatiq
 import psycopg
 import redis
 
 MAX_RETRIES = 3
+# A job that asks to run again later (`raise dramatiq.Retry(delay=ms)`, e.g. while a breaker is
+# open) is rescheduled without using up the 3 transient retries, up to this many times.
+MAX_RESCHEDULES = 60
 FIRST_BACKOFF_MS = 1_000
 MAX_BACKOFF_MS = 8_000
 ATTEMPT_TIMEOUT_S = 30.0
@@ -43,7 +47,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def should_retry(retries_so_far: int, exc: BaseException) -> bool:
-    """Dramatiq `retry_when`: retry transient errors, at most MAX_RETRIES times."""
+    """Dramatiq `retry_when`: retry transient errors, at most MAX_RETRIES times; honour an
+    explicit `dramatiq.Retry` (a reschedule with its own delay) up to MAX_RESCHEDULES times."""
+    if isinstance(exc, dramatiq.Retry):
+        return retries_so_far < MAX_RESCHEDULES
     return retries_so_far < MAX_RETRIES and is_transient(exc)
 
 

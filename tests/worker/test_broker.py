@@ -56,6 +56,8 @@ def test_the_stack_is_explicit():
         (3, retry.TransientError(), False),  # 3 retries, then dead letter
         (0, ValueError(), False),  # never retry what no retry fixes
         (0, retry.PermanentError(), False),
+        (10, dramatiq.Retry(delay=60_000), True),  # an explicit reschedule (breaker open)
+        (retry.MAX_RESCHEDULES, dramatiq.Retry(delay=60_000), False),
     ],
 )
 def test_retry_policy(retries_so_far, exc, expected):
