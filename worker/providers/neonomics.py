@@ -8,8 +8,11 @@ through `neonomics_pisp`; each attempt (token fetch included) counts once for it
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +20,9 @@ from typing import Any
 import httpx
 
 from worker.breaker import NEONOMICS_AISP, NEONOMICS_PISP, get_breaker
-from worker.http import REQUEST_ID_HEADER, make_client
+from worker.http import REQUEST_ID_HEADER, make_async_client, make_client
 from worker.money import AmountError, format_amount, parse_amount
-from worker.providers.base import ProviderClient
+from worker.providers.base import PROVIDER_LATENCY, PROVIDER_REQUESTS, ProviderClient
 from worker.providers.errors import (
     AuthenticationError,
     ConsentError,
@@ -31,6 +34,8 @@ from worker.providers.errors import (
 # Balance types in order of preference (DESIGN.md: prefer `expected`).
 BALANCE_PREFERENCE = ("expected", "interimAvailable", "closingBooked", "interimBooked", "openingBooked")
 TOKEN_REFRESH_MARGIN_S = 60.0
+# Connections of one loop's async client: the in-flight reads of a worker process share them.
+ASYNC_MAX_CONNECTIONS = 200
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,10 @@ class NeonomicsClient(ProviderClient):
             data={"grant_type": "client_credentials", "client_id": self._client_id,
                   "client_secret": self._client_secret},
         )
+        return self._token_from(response, fetched_so_far)
+
+    def _token_from(self, response: httpx.Response, fetched_so_far: int) -> _Token:
+        """Validate a token answer (shared by the sync and async clients)."""
         data = self._json(response, "token")
         value = data.get("access_token")
         expires_in = data.get("expires_in", 300)
@@ -289,6 +298,163 @@ class NeonomicsClient(ProviderClient):
         return self._guarded(get_breaker(NEONOMICS_PISP), attempt)
 
 
+class AsyncNeonomicsClient:
+    """The async twin of `NeonomicsClient` for AsyncIO actors (AISP balance reads).
+
+    One instance per event loop (`get_async_neonomics()`): one pooled `httpx.AsyncClient` and one
+    cached token shared by every coroutine of the loop, so thousands of in-flight reads cost
+    sockets, not threads. Parsing, error mapping, metrics and the breaker are the sync client's
+    (the same functions), so both clients answer identically.
+    """
+
+    provider = "neonomics"
+    # Shared, not copied: these only read `self.provider` (and each other).
+    _json = ProviderClient._json
+    _malformed = ProviderClient._malformed
+    _token_from = NeonomicsClient._token_from
+    _parse_balances = NeonomicsClient._parse_balances
+
+    def __init__(
+        self,
+        base_url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        http: httpx.AsyncClient | None = None,
+        timeout: float = 30.0,
+        paths: NeonomicsPaths | None = None,
+        max_connections: int = ASYNC_MAX_CONNECTIONS,
+    ) -> None:
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                              keepalive_expiry=30)
+        # worker.http's factory (timeouts, headers, X-Request-ID) with a transport sized for many
+        # concurrent reads: its default keeps only 20 idle connections, so a busy loop would
+        # reconnect for most requests.
+        self.http = http or make_async_client(
+            base_url, timeout=timeout, transport=httpx.AsyncHTTPTransport(limits=limits)
+        )
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self.paths = paths or NeonomicsPaths()
+        self._token = _Token()
+        self._token_lock: asyncio.Lock | None = None  # created on the loop that uses it
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    @property
+    def tokens_fetched(self) -> int:
+        return self._token.fetched
+
+    async def _access_token(self, *, stale: str | None = None) -> str:
+        token = self._token
+        if token.value and time.monotonic() < token.expires_at and token.value != stale:
+            return token.value  # the hot path takes no lock
+        if self._token_lock is None:
+            self._token_lock = asyncio.Lock()
+        async with self._token_lock:  # one fetch for all coroutines waiting on an expired token
+            token = self._token
+            if token.value and time.monotonic() < token.expires_at and token.value != stale:
+                return token.value
+            if not self._client_id or not self._client_secret:
+                raise AuthenticationError(
+                    "NEONOMICS_CLIENT_ID / NEONOMICS_CLIENT_SECRET not configured",
+                    provider=self.provider, operation="token",
+                )
+            response = await self._send(
+                "token", "POST", self.paths.token,
+                data={"grant_type": "client_credentials", "client_id": self._client_id,
+                      "client_secret": self._client_secret},
+            )
+            self._token = self._token_from(response, token.fetched)
+            return self._token.value
+
+    async def _send(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One HTTP attempt; a 2xx response or a typed ProviderError (same metrics as sync)."""
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            try:
+                response = await self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise error_for_transport(exc, provider=self.provider, operation=operation) from None
+            if not response.is_success:
+                raise error_for_response(response, provider=self.provider, operation=operation)
+            return response
+        except ProviderError as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            PROVIDER_LATENCY.labels(self.provider, operation).observe(time.perf_counter() - started)
+            PROVIDER_REQUESTS.labels(self.provider, operation, outcome).inc()
+
+    async def _authorized(self, operation: str, method: str, path: str, *, headers: dict[str, str],
+                          **kwargs: Any) -> httpx.Response:
+        token = await self._access_token()
+        for refreshed in (False, True):
+            try:
+                return await self._send(operation, method, path,
+                                        headers={**headers, "Authorization": f"Bearer {token}"}, **kwargs)
+            except AuthenticationError as exc:
+                if exc.status != 401 or refreshed:
+                    raise
+                token = await self._access_token(stale=token)
+        raise AssertionError("unreachable")
+
+    async def get_balances(self, account_id: str, consent_id: str, *, psu_ip: str | None = None,
+                           request_id: str | None = None) -> Balances:
+        """GET balances, one attempt through breaker `neonomics_aisp` (no in-process retries:
+        every AISP request counts against PSD2's quota, so the caller decides about retries).
+        `request_id` becomes X-Request-ID (the quota ledger records it)."""
+        headers = {"X-Consent-ID": consent_id, "Content-Type": "application/json"}
+        if request_id:
+            headers[REQUEST_ID_HEADER] = request_id
+        if psu_ip:
+            headers["PSU-IP-Address"] = psu_ip
+        path = self.paths.balances.format(account_id=_segment(account_id))
+
+        async def attempt() -> Balances:
+            response = await self._authorized("balances", "GET", path, headers=headers)
+            return self._parse_balances(account_id, self._json(response, "balances"))
+
+        return await get_breaker(NEONOMICS_AISP).call_async(attempt)
+
+
+# One async client per (process, event loop, configuration): an httpx.AsyncClient belongs to
+# the loop it first ran on. Dramatiq's AsyncIO middleware runs one loop per worker process.
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, AsyncNeonomicsClient]] = (
+    weakref.WeakKeyDictionary()
+)
+_async_lock = threading.Lock()
+
+
+def get_async_neonomics() -> AsyncNeonomicsClient:
+    """The running event loop's Neonomics client, configured from settings (call inside a coroutine)."""
+    from worker.settings import get_settings
+
+    loop = asyncio.get_running_loop()
+    s = get_settings()
+    secret = s.neonomics_client_secret.get_secret_value() if s.neonomics_client_secret else ""
+    cache_key = (os.getpid(), s.neonomics_api_url, s.neonomics_client_id, secret, s.provider_timeout_s)
+    with _async_lock:
+        per_loop = _async_clients.setdefault(loop, {})
+        client = per_loop.get(cache_key)
+        if client is None:
+            client = AsyncNeonomicsClient(
+                s.neonomics_api_url, s.neonomics_client_id or "", secret, timeout=s.provider_timeout_s
+            )
+            per_loop[cache_key] = client
+        return client
+
+
+async def close_async_neonomics() -> None:
+    """Close the running loop's clients (tests, shutdown)."""
+    with _async_lock:
+        clients = list(_async_clients.pop(asyncio.get_running_loop(), {}).values())
+    for client in clients:
+        await client.aclose()
+
+
 def _segment(value: str) -> str:
     """A path segment: refuse anything that could change the path."""
     if not value or any(c in value for c in "/?#%\\") or value in (".", ".."):
@@ -298,6 +464,7 @@ def _segment(value: str) -> str:
 
 # Re-exported for callers that only import this module.
 __all__ = [
+    "AsyncNeonomicsClient",
     "Balance",
     "Balances",
     "Cancellation",
@@ -309,4 +476,5 @@ __all__ = [
     "ProviderError",
     "error_for_response",
     "error_for_transport",
+    "get_async_neonomics",
 ]
