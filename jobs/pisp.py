@@ -1,1 +1,512 @@
-"""Job family pisp (see DESIGN.md)."""
+"""PISP payment status polling: `pisp.poll_status {transaction_id}` and `pisp.sweep` (docs/payments.md).
+
+A poll locks its transaction row, asks Neonomics for the payment's status, decides with the
+pure rules of `jobs.payments`, and applies the answer in that same PostgreSQL transaction with
+conditional updates (`WHERE status = 'processing'`), the balance ledger, the notification, the
+audit row, the next poll's outbox row and its own outbox mark. The row lock is held across the
+provider call on purpose: a poll and the SCA expiry on the same payment never interleave their
+provider call and their commit, so there is exactly one final outcome. A worker killed anywhere
+before the commit leaves no trace; the rerun reads the provider again and decides again.
+
+The schedule lives in PostgreSQL (`transactions.next_poll_at`): each pending poll enqueues its
+successor through the outbox (`available_at` = due time), and `pisp.sweep` re-enqueues any poll
+that is overdue, so polling survives lost messages, Redis loss and worker crashes. A scheduled
+poll carries the `due` time it was made for and does nothing if the schedule has moved on, so
+duplicates never fork the polling into parallel chains.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import dramatiq
+import psycopg
+from prometheus_client import Counter, Histogram
+from psycopg.types.json import Jsonb
+
+from db.pool import transaction
+from jobs import payments as rules
+from jobs.context import mark_outbox_done, request_id
+from worker.providers.errors import (
+    CircuitOpenError,
+    NotFoundError,
+    ProviderPermanentError,
+)
+from worker.retry import PermanentError
+
+log = logging.getLogger(__name__)
+
+POLL_JOB = "pisp.poll_status"
+SWEEP_JOB = "pisp.sweep"
+SWEEP_LIMIT = 1000
+# How long a poll waits for a payment another job is working on (its provider call and commit).
+LOCK_TIMEOUT_MS = 2000
+ACCOUNT_LOCK_TIMEOUT_MS = 15_000
+MAX_ID_LENGTH = 200
+
+# --- metrics (no ids in labels) ------------------------------------------------------------
+
+PAYMENTS_FINAL = Counter(
+    "drop_payments_final_total",
+    "Payments that reached a final status, by outcome "
+    "(completed, rejected, cancelled, not_found, sca_timeout, late_completion)",
+    ["outcome"],
+)
+LATE_COMPLETIONS = Counter(
+    "drop_payment_late_completions_total",
+    "Payments failed by SCA timeout that the bank later reported accepted (completed after all)",
+)
+TIME_TO_FINAL = Histogram(
+    "drop_payment_time_to_final_seconds",
+    "Seconds from payment initiation (transactions.created_at) to its first final status",
+    ["outcome"],
+    buckets=(5, 10, 20, 30, 60, 120, 180, 300, 420, 600, 1800, 3600),
+)
+POLLS_PER_PAYMENT = Histogram(
+    "drop_payment_polls_per_payment",
+    "Provider status reads a payment needed before its first final status",
+    buckets=(1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50),
+)
+POLLS = Counter(
+    "drop_payment_polls_total",
+    "pisp.poll_status runs by result (completed, failed, pending, error, breaker_open, busy, skip_*)",
+    ["result"],
+)
+STATUS_SEEN = Counter(
+    "drop_payment_provider_status_total",
+    "Berlin Group transactionStatus values read from the provider (unknown codes as 'unknown')",
+    ["status"],
+)
+
+
+class PaymentBusy(Exception):
+    """Another job holds this payment's row (its provider call is in flight): try again shortly."""
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+COLUMNS = (
+    "id, user_id, bank_account_id, amount, currency, payment_id, status, provider_status, "
+    "failure_reason, next_poll_at, poll_step, poll_count, timed_out_at, created_at"
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def state_of(row: dict[str, Any]) -> rules.PaymentState:
+    return rules.PaymentState(
+        status=row["status"],
+        failure_reason=row["failure_reason"],
+        next_poll_at=row["next_poll_at"],
+        timed_out_at=row["timed_out_at"],
+        poll_step=row["poll_step"],
+        has_payment_id=bool(row["payment_id"]),
+    )
+
+
+def lock_for_poll(conn: psycopg.Connection, transaction_id: str) -> dict[str, Any] | None:
+    """The row, locked for this transaction; None if it does not exist; PaymentBusy if another
+    job keeps it locked for longer than LOCK_TIMEOUT_MS."""
+    conn.execute(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}")
+    try:
+        with conn.transaction():  # a savepoint, so a lock timeout does not poison the caller's transaction
+            row = conn.execute(f"SELECT {COLUMNS} FROM transactions WHERE id = %s FOR UPDATE",
+                               (transaction_id,)).fetchone()
+    except psycopg.errors.LockNotAvailable:
+        raise PaymentBusy(transaction_id) from None
+    # The account row (balance restore) may be held by a balance sync for longer; wait more.
+    conn.execute(f"SET LOCAL lock_timeout = {int(ACCOUNT_LOCK_TIMEOUT_MS)}")
+    return row
+
+
+# --- effects (inside the caller's transaction) -----------------------------------------------
+
+
+def notify(conn: psycopg.Connection, user_id: str, kind: str, message: str) -> None:
+    conn.execute("INSERT INTO notifications (user_id, kind, message) VALUES (%s, %s, %s)", (user_id, kind, message))
+
+
+def audit(conn: psycopg.Connection, row: dict[str, Any], action: str, details: dict[str, Any]) -> None:
+    # Ids, codes and amounts only: no personal data in audit details.
+    body = {"transaction_id": row["id"], "payment_id": row["payment_id"], "request_id": request_id(), **details}
+    conn.execute("INSERT INTO audit_log (user_id, action, details) VALUES (%s, %s, %s)",
+                 (row["user_id"], action, Jsonb(body)))
+
+
+def _lock_account(conn: psycopg.Connection, account_id: str) -> dict[str, Any] | None:
+    # Locked so a concurrent balance sync cannot slip between our check and our update.
+    return conn.execute(
+        "SELECT id, balance, balance_synced_at, currency FROM bank_accounts WHERE id = %s FOR UPDATE",
+        (account_id,),
+    ).fetchone()
+
+
+def restore_balance(conn: psycopg.Connection, row: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """Give a failed payment's amount back to the cached balance, at most once (ledger primary
+    key), and only if that balance was synced before the payment was created."""
+    account = _lock_account(conn, row["bank_account_id"]) if row["bank_account_id"] else None
+    if account is None:
+        return {"balance_restored": False, "balance_note": "no_account"}
+    ok, why = rules.should_restore_balance(
+        balance=account["balance"], balance_synced_at=account["balance_synced_at"],
+        account_currency=account["currency"], payment_created_at=row["created_at"],
+        payment_currency=row["currency"],
+    )
+    if not ok:
+        return {"balance_restored": False, "balance_note": why}
+    inserted = conn.execute(
+        """INSERT INTO payment_balance_adjustments (transaction_id, kind, bank_account_id, amount, created_at)
+           VALUES (%s, 'restore', %s, %s, %s) ON CONFLICT DO NOTHING RETURNING amount""",
+        (row["id"], account["id"], row["amount"], now),
+    ).fetchone()
+    if inserted is None:
+        return {"balance_restored": False, "balance_note": "already_restored"}
+    conn.execute("UPDATE bank_accounts SET balance = balance + %s, updated_at = now() WHERE id = %s",
+                 (row["amount"], account["id"]))
+    return {"balance_restored": True, "balance_note": why}
+
+
+def redebit_balance(conn: psycopg.Connection, row: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """Undo the restore of a payment the bank completed after all, at most once."""
+    account = _lock_account(conn, row["bank_account_id"]) if row["bank_account_id"] else None
+    if account is None:
+        return {"balance_redebited": False, "balance_note": "no_account"}
+    restore = conn.execute(
+        "SELECT created_at FROM payment_balance_adjustments WHERE transaction_id = %s AND kind = 'restore'",
+        (row["id"],),
+    ).fetchone()
+    ok, why = rules.should_redebit_balance(
+        balance=account["balance"], balance_synced_at=account["balance_synced_at"],
+        restored_at=restore["created_at"] if restore else None,
+    )
+    if not ok:
+        return {"balance_redebited": False, "balance_note": why}
+    inserted = conn.execute(
+        """INSERT INTO payment_balance_adjustments (transaction_id, kind, bank_account_id, amount, created_at)
+           VALUES (%s, 'redebit', %s, %s, %s) ON CONFLICT DO NOTHING RETURNING amount""",
+        (row["id"], account["id"], row["amount"], now),
+    ).fetchone()
+    if inserted is None:
+        return {"balance_redebited": False, "balance_note": "already_redebited"}
+    conn.execute("UPDATE bank_accounts SET balance = balance - %s, updated_at = now() WHERE id = %s",
+                 (row["amount"], account["id"]))
+    return {"balance_redebited": True, "balance_note": why}
+
+
+def poll_key(transaction_id: str, due: datetime) -> str:
+    return f"{POLL_JOB}:{transaction_id}:due:{due.isoformat()}"
+
+
+def schedule_poll(conn: psycopg.Connection, transaction_id: str, due: datetime) -> None:
+    """The outbox row of the poll due at `due` (deduplicated on transaction + due time)."""
+    import jobs
+
+    jobs.enqueue(POLL_JOB, {"transaction_id": transaction_id, "due": due.isoformat()},
+                 idempotency_key=poll_key(transaction_id, due), conn=conn, available_at=due)
+
+
+@dataclass
+class Applied:
+    """What was committed, for metrics and alerts after the commit."""
+
+    action: str
+    outcome: str | None = None  # PAYMENTS_FINAL label when the payment reached a final status
+    seconds_to_final: float | None = None
+    polls: int | None = None
+    alert: tuple[str, str, str, str, str] | None = None  # severity, title, message, key, runbook
+
+
+def apply_decision(
+    conn: psycopg.Connection,
+    row: dict[str, Any],
+    decision: rules.Decision,
+    code: str | None,
+    now: datetime,
+    *,
+    reads: int,
+) -> Applied | None:
+    """Apply a poll decision with conditional updates; None if the row was not in the expected
+    state (someone else got there first: nothing is changed)."""
+    tx_id = row["id"]
+    status_code = None if code in (None, rules.NOT_FOUND) else rules.normalise_code(code)
+    common = {"id": tx_id, "code": status_code, "now": now, "reads": reads}
+    action = decision.action
+
+    if action is rules.Action.RESCHEDULE:
+        done = conn.execute(
+            """UPDATE transactions
+                  SET provider_status = COALESCE(%(code)s, provider_status),
+                      last_polled_at = CASE WHEN %(reads)s > 0 THEN %(now)s ELSE last_polled_at END,
+                      poll_count = poll_count + %(reads)s, poll_step = %(step)s,
+                      next_poll_at = %(next)s, updated_at = %(now)s
+                WHERE id = %(id)s AND status = %(status)s
+            RETURNING id""",
+            {**common, "step": decision.poll_step, "next": decision.next_poll_at, "status": row["status"]},
+        ).fetchone()
+        if done is None:
+            return None
+        assert decision.next_poll_at is not None
+        schedule_poll(conn, tx_id, decision.next_poll_at)
+        return Applied("reschedule")
+
+    if action is rules.Action.COMPLETE:
+        done = conn.execute(
+            """UPDATE transactions
+                  SET status = 'completed', provider_status = %(code)s, failure_reason = NULL,
+                      last_polled_at = %(now)s, poll_count = poll_count + %(reads)s,
+                      next_poll_at = NULL, updated_at = %(now)s
+                WHERE id = %(id)s AND status = 'processing'
+            RETURNING poll_count""",
+            common,
+        ).fetchone()
+        if done is None:
+            return None
+        notify(conn, row["user_id"], rules.NOTIFY_COMPLETED, rules.MESSAGES[rules.NOTIFY_COMPLETED])
+        audit(conn, row, "payment_completed", {"provider_status": status_code, "amount": row["amount"]})
+        return Applied("complete", "completed", (now - row["created_at"]).total_seconds(), done["poll_count"])
+
+    if action is rules.Action.FAIL:
+        reason = decision.failure_reason or rules.REASON_REJECTED
+        done = conn.execute(
+            """UPDATE transactions
+                  SET status = 'failed', failure_reason = %(reason)s,
+                      provider_status = COALESCE(%(code)s, provider_status),
+                      last_polled_at = %(now)s, poll_count = poll_count + %(reads)s,
+                      next_poll_at = NULL, updated_at = %(now)s
+                WHERE id = %(id)s AND status = 'processing'
+            RETURNING poll_count""",
+            {**common, "reason": reason},
+        ).fetchone()
+        if done is None:
+            return None
+        balance = restore_balance(conn, row, now)
+        notify(conn, row["user_id"], rules.NOTIFY_FAILED, rules.MESSAGES[reason])
+        audit(conn, row, "payment_failed", {"reason": reason, "provider_status": status_code,
+                                            "amount": row["amount"], **balance})
+        outcome = {rules.REASON_REJECTED: "rejected", rules.REASON_CANCELLED: "cancelled",
+                   rules.REASON_NOT_FOUND: "not_found"}.get(reason, "failed")
+        alert = None
+        if reason == rules.REASON_NOT_FOUND:
+            alert = ("high", "Payment unknown at the provider",
+                     f"Transaction {tx_id}: Neonomics answered 404 for its payment; marked failed "
+                     f"({rules.REASON_NOT_FOUND}), user notified, balance restored: {balance['balance_restored']}.",
+                     f"payment-not-found:{tx_id}", "payment-not-found")
+        return Applied("fail", outcome, (now - row["created_at"]).total_seconds(), done["poll_count"], alert)
+
+    if action is rules.Action.LATE_COMPLETE:
+        done = conn.execute(
+            """UPDATE transactions
+                  SET status = 'completed', provider_status = %(code)s, failure_reason = NULL,
+                      completed_late_at = %(now)s, last_polled_at = %(now)s,
+                      poll_count = poll_count + %(reads)s, next_poll_at = NULL, updated_at = %(now)s
+                WHERE id = %(id)s AND status = 'failed' AND failure_reason = 'SCA_TIMEOUT'
+            RETURNING id""",
+            common,
+        ).fetchone()
+        if done is None:
+            return None
+        balance = redebit_balance(conn, row, now)
+        notify(conn, row["user_id"], rules.NOTIFY_COMPLETED_LATE, rules.MESSAGES[rules.NOTIFY_COMPLETED_LATE])
+        audit(conn, row, "payment_late_completion", {
+            "provider_status": status_code, "amount": row["amount"],
+            "timed_out_at": row["timed_out_at"].isoformat() if row["timed_out_at"] else None, **balance,
+        })
+        adjusted = "re-debited" if balance["balance_redebited"] else f"not changed ({balance['balance_note']})"
+        alert = ("high", "Payment completed after SCA timeout",
+                 f"Transaction {tx_id} was failed by SCA timeout, but the bank now reports {status_code}: "
+                 f"it is marked completed (money moved). Cached balance {adjusted}. The user was told to "
+                 "retry; check for a duplicate payment.",
+                 f"payment-late-completion:{tx_id}", "payment-late-completion")
+        return Applied("late_complete", "late_completion", alert=alert)
+
+    if action in (rules.Action.END_WATCH, rules.Action.END_WATCH_UNRESOLVED):
+        done = conn.execute(
+            """UPDATE transactions
+                  SET provider_status = COALESCE(%(code)s, provider_status),
+                      last_polled_at = CASE WHEN %(reads)s > 0 THEN %(now)s ELSE last_polled_at END,
+                      poll_count = poll_count + %(reads)s, next_poll_at = NULL, updated_at = %(now)s
+                WHERE id = %(id)s AND status = 'failed' AND failure_reason = 'SCA_TIMEOUT'
+            RETURNING id""",
+            common,
+        ).fetchone()
+        if done is None:
+            return None
+        unresolved = action is rules.Action.END_WATCH_UNRESOLVED
+        audit(conn, row, "payment_watch_unresolved" if unresolved else "payment_watch_ended",
+              {"provider_status": status_code, "not_found": code == rules.NOT_FOUND})
+        alert = None
+        if unresolved:
+            alert = ("warning", "Payment still pending at the bank after 24 h",
+                     f"Transaction {tx_id} was failed by SCA timeout and the bank still reports "
+                     f"{status_code or 'no status'} after the 24 h watch. Drop stopped watching it.",
+                     f"payment-watch-unresolved:{tx_id}", "payment-watch-unresolved")
+        return Applied(action.value, alert=alert)
+
+    raise ValueError(f"unknown action {action}")
+
+
+def after_commit(applied: Applied | None) -> None:
+    """Metrics and on-call alerts, once the effects are committed."""
+    if applied is None:
+        return
+    if applied.outcome is not None:
+        PAYMENTS_FINAL.labels(applied.outcome).inc()
+        if applied.outcome == "late_completion":
+            LATE_COMPLETIONS.inc()
+    if applied.seconds_to_final is not None:
+        TIME_TO_FINAL.labels("completed" if applied.outcome == "completed" else "failed").observe(
+            max(0.0, applied.seconds_to_final))
+    if applied.polls is not None:
+        POLLS_PER_PAYMENT.observe(applied.polls)
+    if applied.alert is not None:
+        from monitoring.alerts import send_alert
+
+        severity, title, message, key, runbook = applied.alert
+        try:
+            send_alert(severity, title, message, key=key, runbook=runbook)
+        except Exception:
+            # The audit row is the durable record; a failed alert must not fail the job.
+            log.exception("could not send alert %s", key)
+
+
+# --- the poll ----------------------------------------------------------------------------------
+
+
+def validate_poll_payload(transaction_id: object, due: object) -> None:
+    """Reject a payload no retry can fix (dead letter). Messages name the field, never the value."""
+    if not isinstance(transaction_id, str) or not transaction_id.strip() or len(transaction_id) > MAX_ID_LENGTH:
+        raise PermanentError(f"{POLL_JOB}: invalid payload: transaction_id must be a non-empty string")
+    if due is None or due == rules.UNSCHEDULED:
+        return
+    if not isinstance(due, str):
+        raise PermanentError(f"{POLL_JOB}: invalid payload: due must be an ISO 8601 time")
+    try:
+        parsed = datetime.fromisoformat(due)
+    except ValueError:
+        raise PermanentError(f"{POLL_JOB}: invalid payload: due must be an ISO 8601 time") from None
+    if parsed.tzinfo is None:
+        raise PermanentError(f"{POLL_JOB}: invalid payload: due must carry a UTC offset")
+
+
+def read_status(payment_id: str) -> tuple[str | None, ProviderPermanentError | None]:
+    """(code, unusable-answer error). 404 → NOT_FOUND. Transient errors and an open circuit
+    propagate (retry / reschedule); nothing has been written yet."""
+    from worker.providers import get_neonomics
+
+    try:
+        code = get_neonomics().get_payment_status(payment_id).transaction_status
+    except NotFoundError:
+        STATUS_SEEN.labels("not_found").inc()
+        return rules.NOT_FOUND, None
+    except CircuitOpenError:
+        raise
+    except ProviderPermanentError as exc:
+        return None, exc
+    STATUS_SEEN.labels(rules.status_label(code)).inc()
+    if rules.status_label(code) == "unknown":
+        log.warning("payment status code %r is not in the status map; still processing", code[:8])
+    return code, None
+
+
+def poll_payment(transaction_id: str, *, due: str | None = None, now: datetime | None = None) -> str:
+    """One poll of one payment; returns what happened (reschedule, complete, fail, skip_stale…).
+
+    Raises CircuitOpenError (breaker open: nothing written), PaymentBusy, transient provider
+    errors (retried), PermanentError for an unknown transaction, and, after committing a
+    slower next poll, the provider's permanent error for an unusable answer (dead letter)."""
+    validate_poll_payload(transaction_id, due)
+    now = now or utcnow()
+    error: ProviderPermanentError | None = None
+    with transaction() as conn:
+        row = lock_for_poll(conn, transaction_id)
+        if row is None:
+            raise PermanentError(f"{POLL_JOB}: transaction {transaction_id} not found")
+        plan = rules.plan_poll(state_of(row), due)
+        if plan in (rules.PollPlan.SKIP_FINAL, rules.PollPlan.SKIP_STALE):
+            mark_outbox_done(conn)
+            result = plan.value
+            applied = None
+        else:
+            code = None
+            if row["payment_id"]:
+                code, error = read_status(row["payment_id"])
+            decision = rules.decide_poll(plan, state_of(row), code, now, adhoc=due is None, error=error is not None)
+            applied = apply_decision(conn, row, decision, code, now, reads=1 if row["payment_id"] else 0)
+            if error is not None and applied is not None:
+                audit(conn, row, "payment_poll_error", {"error": type(error).__name__, "status": error.status,
+                                                        "codes": list(error.codes)})
+            mark_outbox_done(conn)
+            result = applied.action if applied else "unchanged"
+    after_commit(applied)
+    POLLS.labels("error" if error else _poll_result_label(result)).inc()
+    if error is not None:
+        raise error  # dead letter with the reason; the next poll is already scheduled (5 min)
+    return result
+
+
+def _poll_result_label(result: str) -> str:
+    return {"reschedule": "pending", "complete": "completed", "fail": "failed"}.get(result, result)
+
+
+def retry_delay_ms(retry_after_s: float) -> int:
+    """Wait out the open circuit, plus jitter so the waiting polls do not all arrive at once."""
+    return int(max(retry_after_s, 1.0) * 1000 + random.uniform(100, 1000))
+
+
+@dramatiq.actor(actor_name=POLL_JOB, queue_name="pisp", time_limit=90_000)
+def poll_status(transaction_id: str, due: str | None = None) -> None:
+    """Payload `{transaction_id}` (SCA callback, ad hoc) or `{transaction_id, due}` (scheduled)."""
+    try:
+        poll_payment(transaction_id, due=due)
+    except CircuitOpenError as exc:
+        POLLS.labels("breaker_open").inc()
+        # Reschedule after the open period without using the 3 transient retries.
+        raise dramatiq.Retry(f"circuit {exc.breaker} open", delay=retry_delay_ms(exc.retry_after_s)) from None
+    except PaymentBusy:
+        POLLS.labels("busy").inc()
+        raise dramatiq.Retry("payment busy", delay=retry_delay_ms(1.0)) from None
+
+
+# --- the sweep -----------------------------------------------------------------------------------
+
+
+def sweep(now: datetime | None = None, *, slot: str | None = None, limit: int = SWEEP_LIMIT) -> int:
+    """Enqueue a poll for every payment whose poll is overdue; return how many were enqueued.
+
+    Idempotency key per transaction and sweep slot: a repeated sweep of the same slot adds
+    nothing, the next slot may add one more (if the poll is still overdue)."""
+    import jobs
+
+    now = now or utcnow()
+    tag = slot or now.replace(second=0, microsecond=0).isoformat()
+    cutoff = rules.sweep_cutoff(now)
+    enqueued = 0
+    with transaction() as conn:
+        rows = conn.execute(
+            """SELECT id, next_poll_at FROM transactions
+                WHERE (next_poll_at <= %(cutoff)s AND status IN ('processing', 'failed'))
+                   OR (next_poll_at IS NULL AND status = 'processing' AND created_at <= %(cutoff)s)
+                ORDER BY next_poll_at NULLS FIRST
+                LIMIT %(limit)s""",
+            {"cutoff": cutoff, "limit": limit},
+        ).fetchall()
+        for row in rows:
+            due = row["next_poll_at"].isoformat() if row["next_poll_at"] else rules.UNSCHEDULED
+            if jobs.enqueue(POLL_JOB, {"transaction_id": row["id"], "due": due},
+                            idempotency_key=f"{POLL_JOB}:{row['id']}:sweep:{tag}", conn=conn) is not None:
+                enqueued += 1
+        mark_outbox_done(conn)
+    if enqueued:
+        log.info("pisp.sweep re-enqueued %d overdue payment polls", enqueued)
+    return enqueued
+
+
+@dramatiq.actor(actor_name=SWEEP_JOB, queue_name="pisp", time_limit=60_000)
+def sweep_job(slot: str | None = None) -> None:
+    sweep(slot=slot)
