@@ -130,7 +130,17 @@ def test_provider_down_during_expiry_still_expires_and_watches(db, sql, sandbox,
     assert sandbox.count("neonomics.*") == (1 if outage == "503" else 0)
 
 
+def metric(name, **labels):
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def test_bank_completes_after_the_deadline(db, sql, sandbox, caplog):
+    before = (metric("drop_payment_late_completions_total"),
+              metric("drop_payment_sca_expirations_total", cancellation="unreachable"),
+              metric("drop_payments_final_total", outcome="sca_timeout"),
+              metric("drop_payment_time_to_final_seconds_count", outcome="failed"))
     p = make_payment(sql, sandbox, status="ACTC", age=PAST)
     sandbox.fault("neonomics.cancel", status=503)  # our cancellation never reached the bank
     expire_payment(p["id"])
@@ -146,6 +156,11 @@ def test_bank_completes_after_the_deadline(db, sql, sandbox, caplog):
     assert adjustments(sql, p["id"]) == ["restore", "redebit"]
     assert [n["kind"] for n in notifications(sql, p["user_id"])] == ["payment_sca_timeout", "payment_completed_late"]
     assert [a["action"] for a in audits(sql, p["id"])] == ["payment_sca_timeout", "payment_late_completion"]
+    after = (metric("drop_payment_late_completions_total"),
+             metric("drop_payment_sca_expirations_total", cancellation="unreachable"),
+             metric("drop_payments_final_total", outcome="sca_timeout"),
+             metric("drop_payment_time_to_final_seconds_count", outcome="failed"))
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
     sent = alerts(caplog, "Payment completed after SCA timeout")
     assert len(sent) == 1 and sent[0].levelname == "ERROR" and p["id"] in sent[0].getMessage()
     # Any further poll (callback, duplicate) changes nothing.
