@@ -4,7 +4,16 @@ Several relays may run (one beside each worker pool): each takes a batch with
 `FOR UPDATE SKIP LOCKED`, sends it, and marks it relayed in the same transaction. A crash
 between send and commit sends the batch again; jobs are idempotent, so effects stay exact.
 A row relayed long ago but never done (Redis lost the message) is relayed again. Rows that
-cannot become a message (unknown job, payload not an object) are closed with the reason.
+cannot become a message (unknown job, payload not an object) are closed with the reason and
+alerted.
+
+Redis loss (FLUSHALL, a restart without persistence) is noticed at once rather than after
+REDELIVER_AFTER: the relay keeps an "epoch" key in Redis; when it is gone, every row relayed
+but not done is relayed again on the next pass (a few seconds).
+
+Where it runs: as a Dramatiq fork beside each worker pool (worker.middleware.OutboxRelayFork).
+A relay is only useful where workers consume, it scales with the pools, needs no extra process
+kind to deploy or monitor, and SKIP LOCKED lets any number run side by side.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from datetime import timedelta
 
 import dramatiq
 import psycopg
+import redis
 
 from db.pool import connect, transaction
 
@@ -83,7 +93,45 @@ def relay_once(limit: int = BATCH_SIZE, *, redeliver_after: timedelta = REDELIVE
             conn.cursor().executemany("UPDATE job_outbox SET error = %s WHERE id = %s", rejected)
     for reason, row_id in rejected:
         log.error("outbox row %s rejected: %s", row_id, reason)
+    if rejected:
+        from monitoring.alerts import send_alert
+
+        send_alert(
+            "high",
+            "Outbox rows rejected",
+            f"{len(rejected)} outbox row(s) could not become a job ({rejected[0][0]}, …): the caller sent "
+            "an unknown job name or a payload that is not a JSON object. See job_outbox.error.",
+            key="outbox-rejected",
+            runbook="outbox-rows-rejected",
+        )
     return RelayResult(sent=len(sent), rejected=len(rejected))
+
+
+def check_broker_epoch() -> int:
+    """If Redis lost its data since the last pass, reopen relayed-but-not-done rows; return how many."""
+    from worker.redis_client import get_redis, key
+
+    client, epoch_key = get_redis(), key("broker", "epoch")
+    if client.exists(epoch_key) or not client.set(epoch_key, str(uuid.uuid4()), nx=True):
+        return 0
+    with transaction() as conn:
+        reopened = conn.execute(
+            """UPDATE job_outbox SET relayed_at = NULL
+                WHERE relayed_at IS NOT NULL AND done_at IS NULL AND error IS NULL"""
+        ).rowcount
+    if reopened:
+        from monitoring.alerts import send_alert
+
+        log.warning("Redis lost its queues: %d outbox row(s) will be relayed again", reopened)
+        send_alert(
+            "warning",
+            "Redis lost queued work",
+            f"The broker's data was lost (restart without persistence or flush); {reopened} job(s) "
+            "were re-sent from the PostgreSQL outbox. Nothing is lost; jobs are idempotent.",
+            key="redis-epoch-reset",
+            runbook="redis-lost-queued-work",
+        )
+    return reopened
 
 
 def drain(limit: int = BATCH_SIZE) -> int:
@@ -98,7 +146,10 @@ def drain(limit: int = BATCH_SIZE) -> int:
 
 def run_relay(stop_after: float | None = None) -> None:
     """Relay forever: wake on NOTIFY job_outbox, and poll every POLL_INTERVAL_S regardless."""
+    from worker.redelivery import MaintenanceTimer
+
     deadline = None if stop_after is None else time.monotonic() + stop_after
+    maintenance = MaintenanceTimer(dramatiq.get_broker())
     failures = 0
     while deadline is None or time.monotonic() < deadline:
         try:
@@ -106,21 +157,38 @@ def run_relay(stop_after: float | None = None) -> None:
                 listener.execute("LISTEN job_outbox")
                 failures = 0
                 while deadline is None or time.monotonic() < deadline:
+                    check_broker_epoch()
                     drain()
+                    maintenance.tick()
                     # Any notification (or the timeout) starts the next pass.
                     for _ in listener.notifies(timeout=POLL_INTERVAL_S, stop_after=1):
                         pass
-        except (psycopg.OperationalError, OSError) as error:
+        except (psycopg.Error, OSError, redis.exceptions.RedisError) as error:
+            # Database or Redis trouble (restart, failover, a missing migration): keep trying.
             failures += 1
             wait = min(2**failures, 30)
-            log.warning("outbox relay lost its connection (%s); retrying in %s s", type(error).__name__, wait)
+            log.warning("outbox relay paused (%s); retrying in %s s", type(error).__name__, wait)
             time.sleep(wait)
 
 
 def run_relay_fork() -> int:
     """Entry point of the relay fork that Dramatiq starts beside each worker pool."""
+    import importlib
+    import sys
+
+    from dramatiq.cli import make_argument_parser
+
     import jobs  # noqa: F401  (installs the broker and registers the actors)
     from worker.logs import setup_logging
+
+    # The fork runs inside the `dramatiq` CLI: load the same modules the workers load, so every
+    # job they can run is a job the relay can send.
+    try:
+        cli_args = make_argument_parser().parse_args(sys.argv[1:])
+        for module in [cli_args.broker, *cli_args.modules]:
+            importlib.import_module(module.split(":")[0])
+    except SystemExit:  # not started by the dramatiq CLI
+        pass
 
     setup_logging()
     log.info("outbox relay started")

@@ -30,9 +30,13 @@ def queue_stats(broker: dramatiq.Broker) -> list[dict[str, Any]]:
 
 def workers_alive(broker: dramatiq.Broker, within_ms: int = 30_000) -> int:
     """Worker consumers whose heartbeat Dramatiq saw recently."""
+    from worker.redelivery import MAINTENANCE_ID_PREFIX
+
     client = broker.client  # type: ignore[attr-defined]
     now_ms = int(time.time() * 1000)
-    return int(client.zcount(f"{broker.namespace}:__heartbeats__", now_ms - within_ms, "+inf"))  # type: ignore[attr-defined]
+    members = client.zrangebyscore(f"{broker.namespace}:__heartbeats__", now_ms - within_ms, "+inf")  # type: ignore[attr-defined]
+    # The maintenance pass (worker.redelivery) leaves a heartbeat too; it is not a worker.
+    return sum(1 for m in members if not (m.decode() if isinstance(m, bytes) else m).startswith(MAINTENANCE_ID_PREFIX))
 
 
 def breaker_states() -> dict[str, str]:

@@ -37,8 +37,7 @@ from worker.settings import Settings, get_settings
 
 DEFAULT_TIME_LIMIT_MS = 120_000
 # A worker that vanished (SIGKILL) is declared dead after this long; its unacked messages are
-# then requeued by the next maintenance pass (see worker.middleware.RequeueDeadWorkers).
-HEARTBEAT_TIMEOUT_MS = 15_000
+# then requeued by the next maintenance pass (worker.redelivery, every 5 s).
 
 
 def _prometheus_middleware(settings: Settings) -> dramatiq.Middleware:
@@ -59,7 +58,14 @@ def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> R
 
     install_record_scrubber()  # every process that has a broker logs through the PII scrubber
     from monitoring.middleware import ErrorCounter, SentryJobs
-    from worker.middleware import DeadLetters, OutboxBookkeeping, OutboxRelayFork, RequestContext
+    from worker.middleware import (
+        DeadLetters,
+        OutboxBookkeeping,
+        OutboxRelayFork,
+        RequestContext,
+        RescheduleAccounting,
+    )
+    from worker.redelivery import CrashGuard
 
     settings = settings or get_settings()
     if not settings.redis_url:
@@ -67,6 +73,7 @@ def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> R
     middleware: list[dramatiq.Middleware] = [
         SentryJobs(),  # first: its scope wraps every other middleware's work (monitoring.middleware)
         AgeLimit(),
+        CrashGuard(),  # a message that keeps killing its worker ends in the dead letters
         TimeLimit(time_limit=DEFAULT_TIME_LIMIT_MS),
         ShutdownNotifications(notify_shutdown=True),
         Callbacks(),
@@ -80,6 +87,7 @@ def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> R
             max_backoff=retry.MAX_BACKOFF_MS,
             retry_when=retry.should_retry,
         ),
+        RescheduleAccounting(),  # after-hooks run in reverse: this one just before Retries'
         AsyncIO(),
         CurrentMessage(),
         RequestContext(),
@@ -93,7 +101,7 @@ def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> R
         url=settings.redis_url,
         namespace=f"{settings.redis_namespace}-dramatiq",
         middleware=middleware,
-        heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
+        heartbeat_timeout=settings.worker_heartbeat_timeout_ms,
     )
 
 

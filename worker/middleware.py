@@ -62,7 +62,8 @@ class DeadLetters(dramatiq.Middleware):
 
     def after_skip_message(self, broker, message):
         if message.failed:
-            record_dead_letter(message, None, reason="skipped: message older than its max_age")
+            reason = message.options.get("dead_letter_reason") or "skipped: message older than its max_age"
+            record_dead_letter(message, None, reason=reason)
 
 
 def record_dead_letter(message: dramatiq.Message, exc: BaseException | None, *, reason: str | None = None) -> None:
@@ -70,7 +71,7 @@ def record_dead_letter(message: dramatiq.Message, exc: BaseException | None, *, 
 
     reason = reason or failure_reason(exc)
     body = message.asdict()
-    body["options"] = {k: v for k, v in body["options"].items() if k != "traceback"}
+    body["options"] = {k: v for k, v in body["options"].items() if k not in ("traceback", "dead_letter_reason")}
     outbox_id = message.options.get("outbox_id")
     try:
         with transaction() as conn:
@@ -112,6 +113,27 @@ class OutboxBookkeeping(dramatiq.Middleware):
             except Exception:
                 # Not fatal: the row is relayed again later and the job is idempotent.
                 log.exception("could not mark outbox row %s done", outbox_id)
+
+
+class RescheduleAccounting(dramatiq.Middleware):
+    """Keep explicit reschedules (`raise dramatiq.Retry(delay=…)`, e.g. while a breaker is open)
+    from using up the 3 transient retries of worker.retry.
+
+    Dramatiq counts both in `options["retries"]`. Listed after Retries, this hook runs just
+    before Retries' own: it takes one off for a reschedule (Retries adds it back) and counts
+    reschedules separately; past MAX_RESCHEDULES it lets the count through so the policy stops.
+    """
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):
+        from worker.retry import MAX_RESCHEDULES
+
+        if isinstance(exception, dramatiq.Retry):
+            reschedules = message.options.get("reschedules", 0) + 1
+            message.options["reschedules"] = reschedules
+            if reschedules <= MAX_RESCHEDULES:
+                message.options["retries"] = message.options.get("retries", 0) - 1
+            else:
+                message.options["retries"] = MAX_RESCHEDULES
 
 
 class OutboxRelayFork(dramatiq.Middleware):

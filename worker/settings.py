@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     monitor_port: int = Field(default=9300, ge=0, le=65535, validation_alias="DROP_MONITOR_PORT")
     worker_metrics_port: int = Field(default=9191, ge=0, le=65535, validation_alias="DROP_WORKER_METRICS_PORT")
     scheduler_metrics_port: int = Field(default=9192, ge=0, le=65535, validation_alias="DROP_SCHEDULER_METRICS_PORT")
+    # A SIGKILLed worker's messages are redelivered after this + the 5 s maintenance interval.
+    worker_heartbeat_timeout_ms: int = Field(
+        default=15_000, ge=1_000, le=600_000, validation_alias="DROP_WORKER_HEARTBEAT_TIMEOUT_MS"
+    )
     db_pool_max_size: int = Field(default=10, ge=1, le=200, validation_alias="DROP_DB_POOL_MAX_SIZE")
     log_level: str = Field(default="INFO", validation_alias="DROP_LOG_LEVEL")
 

@@ -107,3 +107,25 @@ def test_jobs_carry_a_request_id_stable_across_relays(db, sql, worker, relay):
     from jobs.outbox import _REQUEST_ID_NS
 
     assert SEEN_REQUEST_IDS == [str(uuid.uuid5(_REQUEST_ID_NS, "who-1"))]
+
+
+RESCHEDULED: list[str] = []
+
+
+@dramatiq.actor(actor_name="test.rescheduled", queue_name="test")
+def rescheduled(tag: str) -> None:
+    RESCHEDULED.append(tag)
+    n = len(RESCHEDULED)
+    if n <= 4:
+        raise dramatiq.Retry(delay=10)  # e.g. the breaker is open: come back later
+    if n <= 7:
+        raise retry.TransientError("provider answered 503")
+
+
+def test_reschedules_do_not_use_up_the_transient_retries(db, sql, worker, relay):
+    RESCHEDULED.clear()
+    jobs.enqueue("test.rescheduled", {"tag": "r"})
+    wait_for(lambda: sql("SELECT done_at FROM job_outbox")[0]["done_at"], timeout=40, what="job done")
+    # 4 reschedules, then 3 transient failures (all 3 retries still available), then success.
+    assert len(RESCHEDULED) == 8
+    assert sql("SELECT count(*) AS n FROM dead_letters")[0]["n"] == 0

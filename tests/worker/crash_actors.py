@@ -1,0 +1,31 @@
+"""Actors for the crash tests, loaded by real `dramatiq` worker processes."""
+
+import os
+import signal
+import time
+
+import dramatiq
+
+from db.pool import transaction
+from jobs.context import mark_outbox_done
+
+
+@dramatiq.actor(actor_name="test.slow_effect", queue_name="crash")
+def slow_effect(n: int, seconds: float = 0.0) -> None:
+    time.sleep(seconds)
+    with transaction() as conn:
+        first = conn.execute(
+            "INSERT INTO processed_events (event_id, consumer_group) VALUES (%s, 'crash-test') "
+            "ON CONFLICT DO NOTHING RETURNING event_id",
+            (f"slow-{n}",),
+        ).fetchone()
+        if first:
+            conn.execute(
+                "INSERT INTO audit_log (action, details) VALUES ('test.effect', jsonb_build_object('n', %s::int))", (n,)
+            )
+        mark_outbox_done(conn)
+
+
+@dramatiq.actor(actor_name="test.poison", queue_name="crash")
+def poison() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # what a segfault or the OOM killer does

@@ -1,0 +1,101 @@
+"""Bounded redelivery after a worker dies, and a cap on messages that keep killing workers.
+
+Dramatiq's Redis broker moves a dead worker's unacked messages back to their queue only during
+"maintenance", which runs on a random 0.1 % of broker calls, after the worker's heartbeat is
+older than `heartbeat_timeout`. On a quiet system that can take a very long time.
+`requeue_dead_workers()` runs the broker's own maintenance on every queue on a timer (the outbox
+relay calls it every few seconds), so redelivery after a SIGKILL takes at most
+heartbeat_timeout + MAINTENANCE_INTERVAL_S.
+
+A message whose processing kills the worker (segfault, OOM kill) would be redelivered forever
+(Dramatiq issue #213). `CrashGuard` counts deliveries that never came back: the counter is
+raised before a message is processed and cleared after, whatever the outcome, so it only grows
+across crashes; past MAX_CRASHES the message is dead-lettered with that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import dramatiq
+from dramatiq.common import current_millis
+from dramatiq.middleware import SkipMessage
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_INTERVAL_S = 5.0
+MAX_CRASHES = 3
+MAINTENANCE_ID_PREFIX = "maintenance-"
+
+
+def requeue_dead_workers(broker: dramatiq.Broker) -> None:
+    """Run Dramatiq's maintenance (requeue dead workers' messages, expire old dead letters)."""
+    dispatch = broker.scripts["dispatch"]  # type: ignore[attr-defined]
+    queues = set(broker.get_declared_queues())
+    queues |= {dramatiq.common.dq_name(q) for q in list(queues) if not q.endswith(".DQ")}
+    for queue in sorted(queues):
+        dispatch(
+            keys=[broker.namespace],  # type: ignore[attr-defined]
+            args=[
+                "qsize",
+                current_millis(),
+                queue,
+                f"{MAINTENANCE_ID_PREFIX}{os.getpid()}",
+                broker.heartbeat_timeout,
+                broker.dead_message_ttl,
+                1,  # type: ignore[attr-defined]
+                broker._max_unpack_size(),  # type: ignore[attr-defined]
+            ],
+        )
+
+
+class MaintenanceTimer:
+    """Calls requeue_dead_workers at most every MAINTENANCE_INTERVAL_S (from a loop)."""
+
+    def __init__(self, broker: dramatiq.Broker, interval: float = MAINTENANCE_INTERVAL_S) -> None:
+        self.broker, self.interval, self.last = broker, interval, 0.0
+
+    def tick(self) -> None:
+        if time.monotonic() - self.last >= self.interval:
+            self.last = time.monotonic()
+            try:
+                requeue_dead_workers(self.broker)
+            except Exception:  # the next tick tries again
+                log.exception("broker maintenance pass failed")
+
+
+class CrashGuard(dramatiq.Middleware):
+    TTL_S = 24 * 3600
+
+    def _key(self, message: dramatiq.Message) -> str:
+        from worker.redis_client import key
+
+        return key("deliveries", message.message_id)
+
+    def before_process_message(self, broker, message):
+        from worker.redis_client import get_redis
+
+        client = get_redis()
+        pipe = client.pipeline()
+        pipe.incr(self._key(message))
+        pipe.expire(self._key(message), self.TTL_S)
+        started, _ = pipe.execute()
+        crashes = int(started) - 1
+        if crashes >= MAX_CRASHES:
+            client.delete(self._key(message))
+            message.options["dead_letter_reason"] = (
+                f"killed its worker {crashes} times (SIGKILL/OOM/segfault); not run again"
+            )
+            message.fail()
+            raise SkipMessage(message.options["dead_letter_reason"])
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):
+        from worker.redis_client import get_redis
+
+        get_redis().delete(self._key(message))
+
+    def after_skip_message(self, broker, message):
+        if "dead_letter_reason" not in message.options:
+            self.after_process_message(broker, message)
