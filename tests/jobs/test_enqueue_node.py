@@ -31,13 +31,21 @@ def test_a_typescript_style_enqueue_is_processed(node_pg, db, sql, worker, relay
     env = {**os.environ, "DATABASE_URL": db, "SUMSUB_WEBHOOK_SECRET": secret}
     out = subprocess.run(
         ["node", "enqueue.js", "web_user_1", "applicant_node_1"],
-        cwd=node_pg, env=env, capture_output=True, text=True, timeout=60, check=True,
+        cwd=node_pg,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     outbox_id = json.loads(out.stdout)["outbox_id"]
     assert isinstance(outbox_id, int)
 
-    wait_for(lambda: sql("SELECT done_at FROM job_outbox WHERE id = %s", (outbox_id,))[0]["done_at"],
-             timeout=30, what="the webhook job to finish")
+    wait_for(
+        lambda: sql("SELECT done_at FROM job_outbox WHERE id = %s", (outbox_id,))[0]["done_at"],
+        timeout=30,
+        what="the webhook job to finish",
+    )
     assert sql("SELECT kyc_status FROM users WHERE id = 'web_user_1'")[0]["kyc_status"] == "approved"
     assert [r["message"] for r in sql("SELECT message FROM notifications WHERE user_id = 'web_user_1'")] == [
         "Du er nå verifisert"
