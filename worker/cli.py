@@ -235,7 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         env.setdefault("NEONOMICS_CLIENT_SECRET", "sandbox-secret")
         env.setdefault("SUMSUB_APP_TOKEN", "sandbox-app-token")
         env.setdefault("SUMSUB_SECRET_KEY", "sandbox-secret-key")
-    os.environ.update(DATABASE_URL=env["DATABASE_URL"], REDIS_URL=env["REDIS_URL"])
+    os.environ.update(env)  # the demo (in this process) uses the same settings as the Procfile
     get_settings.cache_clear()
     try:
         cmd_migrate(args)
@@ -264,7 +264,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         services.stop()
         print("drop-jobs: stopped", flush=True)
-    return int(manager.returncode or 0)
+    # Stopped by Ctrl-C / SIGTERM (honcho reports 130 / 143): that is a clean stop, not an error.
+    return 0 if manager.returncode in (None, 0, 130, 143) else int(manager.returncode)
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="start worker, scheduler, monitor and sandbox (Procfile)")
     run.add_argument("--no-demo", action="store_true", help="do not load demo data")
-    run.add_argument("--demo-timeout", type=float, default=120.0)
+    run.add_argument("--demo-timeout", type=float, default=150.0)
     run.set_defaults(func=cmd_run)
 
     sub.add_parser("migrate", help="apply pending migrations").set_defaults(func=cmd_migrate)
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="load demo data and enqueue demo jobs")
     demo.add_argument("--no-watch", action="store_true")
-    demo.add_argument("--timeout", type=float, default=120.0)
+    demo.add_argument("--timeout", type=float, default=150.0)
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,7 +1,13 @@
-"""Demo data and demo jobs for `make run`: a few users, accounts and payments, and jobs that
-exercise the whole path (outbox → relay → Redis → worker → PostgreSQL), with progress shown.
+"""Demo for `make run`: a few users, accounts and payments driven through the real jobs against
+the provider sandbox, with progress printed until every outcome is in PostgreSQL.
 
-Only jobs that are registered are enqueued, so the demo grows with the job families.
+- KYC: each demo user gets a Sumsub applicant at the sandbox; the sandbox's mock review (90 %
+  GREEN, seed 001 §3.6) sends a signed webhook into `job_outbox`, as the web tier would.
+- AISP: a user-initiated balance refresh per account (the sandbox answers after its latency).
+- PISP: one payment the user confirms at the bank (polled to `completed`), and one never
+  confirmed, which `sca.expire_timeouts` fails with SCA_TIMEOUT at the next minute.
+
+Everything goes through the outbox → relay → Redis → worker path; nothing is faked in the jobs.
 """
 
 from __future__ import annotations
@@ -9,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from db.pool import transaction
+from worker.settings import get_settings
 
 DEMO_USERS = [
     ("demo_user_1", "Kari", "Nordmann", "01017012345"),
@@ -20,74 +27,158 @@ DEMO_USERS = [
 ]
 
 
-def seed() -> None:
-    """Idempotent: demo rows are inserted once (ON CONFLICT DO NOTHING)."""
+def _sandbox():
+    """The sandbox admin client when the provider URL points at a running sandbox, else None."""
+    import httpx
+
+    from sandbox.admin import SandboxAdmin
+
+    url = get_settings().neonomics_api_url.rstrip("/")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            admin = SandboxAdmin(url)
+            if admin.health():
+                return admin, url
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    return None, url
+
+
+def seed(run_id: str) -> None:
+    """Demo users and accounts (idempotent), reset to 'waiting for KYC' for this run."""
     with transaction() as conn:
         for i, (uid, first, last, pid) in enumerate(DEMO_USERS, start=1):
             conn.execute(
-                """INSERT INTO users (id, national_id_hash, first_name, last_name, kyc_status, kyc_applicant_id)
-                   VALUES (%s, %s, %s, %s, 'pending', %s) ON CONFLICT (id) DO NOTHING""",
-                (uid, hashlib.sha256(pid.encode()).hexdigest(), first, last, f"demo_applicant_{i}"),
+                """INSERT INTO users (id, national_id_hash, first_name, last_name)
+                   VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING""",
+                (uid, hashlib.sha256(pid.encode()).hexdigest(), first, last),
             )
             conn.execute(
-                """INSERT INTO bank_accounts (id, user_id, provider_account_id, consent_id, balance, balance_synced_at)
-                   VALUES (%s, %s, %s, %s, %s, now() - interval '7 hours') ON CONFLICT (id) DO NOTHING""",
-                (f"demo_acct_{i}", uid, f"demo_provider_acct_{i}", f"demo_consent_{i}", 1_000_000 * i),
+                "UPDATE users SET kyc_status = 'pending', kyc_applicant_id = %s WHERE id = %s",
+                (f"demo-{run_id}-{i}", uid),
+            )
+            conn.execute(
+                """INSERT INTO bank_accounts (id, user_id, provider_account_id, consent_id)
+                   VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING""",
+                (f"demo_acct_{i}", uid, f"demo-provider-acct-{i}", f"demo-consent-{i}"),
             )
 
 
-def demo_jobs(run_id: str) -> list[tuple[str, dict, str]]:
-    """(job, payload, idempotency key) for every demo job whose actor exists."""
+def _start_payment(admin, run_id: str, n: int, *, confirm: bool) -> str:
+    import httpx
+
+    import jobs
+    from worker.providers import get_neonomics
+
+    tx_id = f"demo-tx-{run_id}-{n}"
+    payment = get_neonomics().initiate_payment(
+        idempotency_key=tx_id,
+        consent_id="demo-consent-1",
+        amount_ore=20_100 * n,
+        currency="NOK",
+        debtor_account={"iban": "NO9386011117947"},
+        creditor_name="Demo Mottaker",
+        creditor_account={"bban": "26512345678"},
+        remittance=f"Drop demo {n}",
+    )
+    created_at = datetime.now(UTC)
+    if not confirm:  # the user never finishes SCA: the deadline passed a moment ago
+        admin.set_payment(payment.payment_id, status="ACTC")
+        created_at -= timedelta(seconds=get_settings().sca_timeout_seconds + 5)
+    with transaction() as conn:
+        conn.execute(
+            """INSERT INTO transactions (id, user_id, bank_account_id, idempotency_key, amount, payment_id, created_at)
+               VALUES (%s, 'demo_user_1', 'demo_acct_1', %s, %s, %s, %s)""",
+            (tx_id, tx_id, 20_100 * n, payment.payment_id, created_at),
+        )
+    if confirm:
+        # The user completes BankID at the bank; the bank redirects to the web tier's callback,
+        # which enqueues an immediate poll.
+        httpx.get(payment.sca_redirect or f"{admin.url}/sca/{payment.payment_id}", params={"result": "ok"}, timeout=10)
+        key = f"pisp.poll_status:{tx_id}:sca-callback"
+        jobs.enqueue("pisp.poll_status", {"transaction_id": tx_id}, idempotency_key=key)
+    return tx_id
+
+
+def start(run_id: str) -> dict:
+    """Kick off the demo's work; return what to watch."""
     import jobs
 
-    known = set(jobs.broker.actors)
-    planned: list[tuple[str, dict, str]] = []
-    if "aisp.refresh_account" in known:
-        for i in range(1, len(DEMO_USERS) + 1):
-            planned.append(
-                (
-                    "aisp.refresh_account",
-                    {"bank_account_id": f"demo_acct_{i}", "initiated_by": "user", "psu_ip_address": "127.0.0.1"},
-                    f"demo:{run_id}:aisp:{i}",
-                )
-            )
-    for n in range(3):
-        planned.append(("housekeeping.prune", {}, f"demo:{run_id}:prune:{n}"))
-    return planned
+    seed(run_id)
+    admin, url = _sandbox()
+    if admin is None:
+        print(f"demo: no provider sandbox at {url}; only housekeeping is demonstrated", flush=True)
+        jobs.enqueue("housekeeping.prune", {}, idempotency_key=f"demo:{run_id}:prune")
+        return {"sandbox": False, "transactions": []}
+    for i in range(1, len(DEMO_USERS) + 1):
+        applicant = f"demo-{run_id}-{i}"
+        admin.create_applicant(f"demo_user_{i}", applicant_id=applicant)
+        admin.review(applicant, None, delay_s=1.0 + i)  # the mock draw: 90 % GREEN
+        admin.set_account(
+            f"demo-provider-acct-{i}", amount=f"{12_345 * i}.67", currency="NOK", consent_id=f"demo-consent-{i}"
+        )
+        jobs.enqueue(
+            "aisp.refresh_account",
+            {"bank_account_id": f"demo_acct_{i}", "initiated_by": "user", "psu_ip_address": "127.0.0.1"},
+            idempotency_key=f"aisp:demo_acct_{i}:user:{run_id}",
+        )
+    transactions = [_start_payment(admin, run_id, 1, confirm=True), _start_payment(admin, run_id, 2, confirm=False)]
+    print(
+        "demo: 3 KYC reviews at the sandbox, 3 balance refreshes, 2 payments (1 confirmed, 1 never confirmed)",
+        flush=True,
+    )
+    return {"sandbox": True, "transactions": transactions}
 
 
-def run_demo(*, watch: bool = True, timeout: float = 120.0, should_stop: Callable[[], bool] = lambda: False) -> dict:
-    import jobs
+def progress(run_id: str, started: datetime, transactions: list[str]) -> dict:
+    with transaction() as conn:
+        kyc = conn.execute(
+            """SELECT count(*) FILTER (WHERE s.result = 'approved') AS approved,
+                      count(*) FILTER (WHERE s.result IN ('rejected', 'retry')) AS other
+                 FROM screening_results s WHERE s.screening_type = 'kyc' AND s.provider_ref LIKE %s""",
+            (f"demo-{run_id}-%",),
+        ).fetchone()
+        balances = conn.execute(
+            "SELECT count(*) AS n FROM bank_accounts WHERE id LIKE 'demo_acct_%%' AND balance_synced_at >= %s",
+            (started,),
+        ).fetchone()["n"]
+        payments = conn.execute(
+            "SELECT status, failure_reason FROM transactions WHERE id = ANY(%s) ORDER BY id", (transactions,)
+        ).fetchall()
+    return {
+        "kyc_decided": kyc["approved"] + kyc["other"],
+        "kyc_approved": kyc["approved"],
+        "balances": balances,
+        "payments": [p["status"] + (f"/{p['failure_reason']}" if p["failure_reason"] else "") for p in payments],
+    }
 
-    seed()
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    ids = []
-    for job, payload, key in demo_jobs(run_id):
-        outbox_id = jobs.enqueue(job, payload, idempotency_key=key)
-        if outbox_id is not None:
-            ids.append(outbox_id)
-    print(f"demo: {len(ids)} job(s) enqueued through the outbox", flush=True)
-    progress = {"total": len(ids), "done": 0, "failed": 0}
-    if not watch or not ids:
-        return progress
+
+def run_demo(*, watch: bool = True, timeout: float = 150.0, should_stop: Callable[[], bool] = lambda: False) -> dict:
+    run_id = datetime.now(UTC).strftime("%H%M%S")
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    plan = start(run_id)
+    state: dict = {}
+    if not watch or not plan["sandbox"]:
+        return state
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline and not should_stop():
-        with transaction() as conn:
-            row = conn.execute(
-                """SELECT count(*) FILTER (WHERE done_at IS NOT NULL) AS done,
-                          count(*) FILTER (WHERE error IS NOT NULL) AS failed,
-                          count(*) FILTER (WHERE relayed_at IS NOT NULL) AS relayed
-                     FROM job_outbox WHERE id = ANY(%s)""",
-                (ids,),
-            ).fetchone()
-        progress.update(done=row["done"], failed=row["failed"])
-        line = f"demo: {row['done']}/{len(ids)} done, {row['relayed']} relayed, {row['failed']} failed"
+        state = progress(run_id, started, plan["transactions"])
+        line = (
+            f"demo: KYC {state['kyc_decided']}/3 decided ({state['kyc_approved']} approved) · "
+            f"balances {state['balances']}/3 synced · payments {', '.join(state['payments'])}"
+        )
         if line != last:
             print(line, flush=True)
             last = line
-        if row["done"] + row["failed"] >= len(ids):
-            print("demo: all demo jobs finished — see `drop-jobs status`; Ctrl-C stops everything", flush=True)
+        if state["kyc_decided"] == 3 and state["balances"] == 3 and "processing" not in ",".join(state["payments"]):
+            print(
+                "demo: done — every outcome is in PostgreSQL; `drop-jobs status` for the system view; "
+                "Ctrl-C stops everything",
+                flush=True,
+            )
             break
-        time.sleep(0.5)
-    return progress
+        time.sleep(1.0)
+    return state
