@@ -61,6 +61,9 @@ from worker.retry import PermanentError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# worker.logs.setup_logging() silences httpx's per-request INFO line, but worker processes
+# started by the `dramatiq` CLI never call it: at 1000 reads/s that line alone costs a core.
+logging.getLogger("httpx").setLevel(max(logging.getLogger("httpx").level, logging.WARNING))
 
 QUEUE = "aisp"
 REFRESH_ACCOUNT = "aisp.refresh_account"

@@ -35,7 +35,8 @@ from worker.providers.errors import (
 BALANCE_PREFERENCE = ("expected", "interimAvailable", "closingBooked", "interimBooked", "openingBooked")
 TOKEN_REFRESH_MARGIN_S = 60.0
 # Connections of one loop's async client: the in-flight reads of a worker process share them.
-ASYNC_MAX_CONNECTIONS = 200
+ASYNC_MAX_CONNECTIONS = 128
+ASYNC_CONNECTIONS_PER_SHARD = 8
 
 
 @dataclass(frozen=True)
@@ -301,9 +302,9 @@ class NeonomicsClient(ProviderClient):
 class AsyncNeonomicsClient:
     """The async twin of `NeonomicsClient` for AsyncIO actors (AISP balance reads).
 
-    One instance per event loop (`get_async_neonomics()`): one pooled `httpx.AsyncClient` and one
-    cached token shared by every coroutine of the loop, so thousands of in-flight reads cost
-    sockets, not threads. Parsing, error mapping, metrics and the breaker are the sync client's
+    One instance per event loop (`get_async_neonomics()`): its httpx.AsyncClient pools and one
+    cached token are shared by every coroutine of the loop, so in-flight reads cost sockets,
+    not threads. Parsing, error mapping, metrics and the breaker are the sync client's
     (the same functions), so both clients answer identically.
     """
 
@@ -325,22 +326,34 @@ class AsyncNeonomicsClient:
         paths: NeonomicsPaths | None = None,
         max_connections: int = ASYNC_MAX_CONNECTIONS,
     ) -> None:
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                              keepalive_expiry=30)
-        # worker.http's factory (timeouts, headers, X-Request-ID) with a transport sized for many
-        # concurrent reads: its default keeps only 20 idle connections, so a busy loop would
-        # reconnect for most requests.
-        self.http = http or make_async_client(
-            base_url, timeout=timeout, transport=httpx.AsyncHTTPTransport(limits=limits)
-        )
+        if http is not None:
+            self._shards = [http]
+        else:
+            # worker.http's factory (timeouts, headers, X-Request-ID), its connections split over a
+            # few small pools: httpcore scans every connection of a pool for each request it
+            # assigns and each response it closes, so one pool of N connections costs O(N) per
+            # request (most of the CPU of a read at 1000 reads/s); shards of 8 keep that constant.
+            per_shard = min(max_connections, ASYNC_CONNECTIONS_PER_SHARD)
+            limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard,
+                                  keepalive_expiry=30)
+            self._shards = [
+                make_async_client(base_url, timeout=timeout, transport=httpx.AsyncHTTPTransport(limits=limits))
+                for _ in range(max(1, max_connections // per_shard))
+            ]
+        self._inflight = [0] * len(self._shards)
         self._client_id = client_id
         self._client_secret = client_secret
         self.paths = paths or NeonomicsPaths()
         self._token = _Token()
         self._token_lock: asyncio.Lock | None = None  # created on the loop that uses it
 
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self._shards[0]
+
     async def aclose(self) -> None:
-        await self.http.aclose()
+        for shard in self._shards:
+            await shard.aclose()
 
     @property
     def tokens_fetched(self) -> int:
@@ -375,7 +388,13 @@ class AsyncNeonomicsClient:
         outcome = "ok"
         try:
             try:
-                response = await self.http.request(method, path, **kwargs)
+                # The least busy pool (they share the token, settings and breaker).
+                shard = min(range(len(self._shards)), key=self._inflight.__getitem__)
+                self._inflight[shard] += 1
+                try:
+                    response = await self._shards[shard].request(method, path, **kwargs)
+                finally:
+                    self._inflight[shard] -= 1
             except httpx.TransportError as exc:
                 raise error_for_transport(exc, provider=self.provider, operation=operation) from None
             if not response.is_success:
