@@ -14,6 +14,7 @@ import random
 import dramatiq
 import psycopg
 import redis
+from dramatiq.middleware import Shutdown
 
 MAX_RETRIES = 3
 # A job that asks to run again later (`raise dramatiq.Retry(delay=ms)`, e.g. while a breaker is
@@ -46,10 +47,26 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT_TYPES) and not isinstance(exc, PermanentError)
 
 
+def interrupted_by_shutdown(exc: BaseException) -> bool:
+    """`Shutdown`, or an error raised while handling it (Dramatiq's AsyncIO bridge raises
+    RuntimeError("Timed out while waiting for coroutine.") from it when a cancelled coroutine
+    takes over a second to unwind)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, Shutdown):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def should_retry(retries_so_far: int, exc: BaseException) -> bool:
     """Dramatiq `retry_when`: retry transient errors, at most MAX_RETRIES times; honour an
-    explicit `dramatiq.Retry` (a reschedule with its own delay) up to MAX_RESCHEDULES times."""
-    if isinstance(exc, dramatiq.Retry):
+    explicit `dramatiq.Retry` (a reschedule with its own delay) up to MAX_RESCHEDULES times.
+    A job interrupted by a graceful shutdown (ShutdownNotifications raises `Shutdown` in it on
+    SIGTERM) rolled back and goes back to the queue: it did not fail."""
+    if isinstance(exc, dramatiq.Retry) or interrupted_by_shutdown(exc):
         return retries_so_far < MAX_RESCHEDULES
     return retries_so_far < MAX_RETRIES and is_transient(exc)
 
