@@ -112,6 +112,24 @@ def redis_state() -> Iterator[Condition]:
     )
 
 
+def postgres_state() -> Iterator[Condition]:
+    """PostgreSQL unreachable: the `database` rule's probe then fails and yields nothing (so
+    "unknown" never resolves), which left an outage of the source of truth without any alert."""
+    from monitoring.health import check_postgres
+
+    try:
+        check_postgres()
+        down, reason = False, ""
+    except Exception as error:
+        down, reason = True, type(error).__name__
+    yield Condition(
+        "postgres-down", down, Severity.CRITICAL, "PostgreSQL unreachable",
+        f"The monitor cannot reach PostgreSQL ({reason}): jobs fail and retry, the relay pauses, "
+        "nothing new is applied until it is back.",
+        runbook="postgresql-unreachable",
+    )
+
+
 def database() -> Iterator[Condition]:
     from monitoring.probes import database_state
 
@@ -146,7 +164,7 @@ def database() -> Iterator[Condition]:
     )
 
 
-RULES: tuple[Rule, ...] = (error_spike, breakers, redis_state, database)
+RULES: tuple[Rule, ...] = (error_spike, breakers, redis_state, postgres_state, database)
 
 
 class Evaluator:
