@@ -25,6 +25,17 @@ def mark_outbox_done(conn: psycopg.Connection) -> None:
     outbox_id = current_outbox_id()
     if outbox_id is not None:
         conn.execute("UPDATE job_outbox SET done_at = now() WHERE id = %s AND done_at IS NULL", (outbox_id,))
+        note_outbox_done()
+
+
+def note_outbox_done() -> None:
+    """Tell OutboxBookkeeping the job marked its row itself (saves a transaction per job).
+
+    Call it only for a mark made in a transaction that commits before the job returns; a job
+    that returns without raising after a rolled-back mark must not call it."""
+    message = CurrentMessage.get_current_message()
+    if message is not None:
+        message.options["outbox_done"] = True
 
 
 def mark_outbox_done_by_id(outbox_id: int) -> None:

@@ -104,8 +104,11 @@ def record_dead_letter(message: dramatiq.Message, exc: BaseException | None, *, 
 
 class OutboxBookkeeping(dramatiq.Middleware):
     def after_process_message(self, broker, message, *, result=None, exception=None):
+        # Popped whatever the outcome: a retried message must not carry the flag (this hook runs
+        # before Retries' re-enqueue, since after-hooks run in reverse order).
+        marked_by_job = message.options.pop("outbox_done", False)
         outbox_id = message.options.get("outbox_id")
-        if exception is None and outbox_id is not None:
+        if exception is None and outbox_id is not None and not marked_by_job:
             from jobs.context import mark_outbox_done_by_id
 
             try:

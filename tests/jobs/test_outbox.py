@@ -110,3 +110,31 @@ def test_raw_sql_insert_is_processed_end_to_end(db, sql, worker, relay):
         )
     wait_for(lambda: sql("SELECT done_at FROM job_outbox")[0]["done_at"], what="outbox row done")
     assert SEEN == [{"n": 42, "tag": "from-web"}]
+
+
+MARKED: list[int] = []
+
+
+@dramatiq.actor(actor_name="test.marks_itself", queue_name="test", max_retries=0)
+def marks_itself(n: int) -> None:
+    from db.pool import transaction
+    from jobs.context import mark_outbox_done
+
+    with transaction() as conn:
+        mark_outbox_done(conn)
+    MARKED.append(n)
+
+
+def test_a_job_that_marks_its_row_saves_the_bookkeeping_transaction(db, sql, worker, relay, monkeypatch):
+    import jobs.context
+
+    calls: list[int] = []
+    monkeypatch.setattr(jobs.context, "mark_outbox_done_by_id", lambda outbox_id: calls.append(outbox_id))
+    MARKED.clear()
+    jobs.enqueue("test.marks_itself", {"n": 1})
+    jobs.enqueue("test.record", {"n": 2})
+    wait_for(lambda: sql("SELECT count(*) AS n FROM job_outbox WHERE done_at IS NOT NULL")[0]["n"] == 1
+             and len(calls) == 1, what="both jobs ran")
+    assert MARKED == [1]
+    record_row = sql("SELECT id FROM job_outbox WHERE job = 'test.record'")[0]["id"]
+    assert calls == [record_row]  # only the job that did not mark its own row needed the extra UPDATE
