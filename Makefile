@@ -24,6 +24,13 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# Heavier chaos runs (scenario sizes x10, plus a real restart of a private redis-server);
+# figures land in .data/chaos-figures.jsonl for docs/reliability.md.
+chaos: install
+	@mkdir -p .data
+	DROP_CHAOS_SCALE=$${DROP_CHAOS_SCALE:-10} DROP_CHAOS_LONG=1 DROP_CHAOS_FIGURES=.data/chaos-figures.jsonl \
+		$(BIN)/python -m pytest tests/chaos -q -s -p no:cacheprovider
+
 bench: install
 	$(BIN)/python -m bench
 
