@@ -1,0 +1,499 @@
+"""KYC webhook throughput against the limit and the peer, latency, soak and profile (points 1–4, 7, 8).
+
+    python -m bench kyc [--jobs 10000] [--noop-jobs 40000] [--quick]
+
+Each run: a private schema/namespace, the workload written before the workers start (so their
+boot is not timed), then the worker processes are started and the rate is taken between 10 %
+and 90 % of the work done. All pools have the Procfile's shape (2 processes × 8 threads).
+
+- limit: Dramatiq no-op actor on a plain RedisBroker (Dramatiq's default middleware).
+- drop no-op: the same no-op through drop-worker's broker and middleware (what our stack costs).
+- KYC (drop-worker): signed Sumsub webhooks, relayed messages (with their outbox id) preloaded in
+  Redis; each job = digest, parse, one transaction (dedup row, user update, screening result,
+  notification, audit, outbox row done).
+- KYC (Celery): the same messages' payloads, the same `jobs.kyc.process_webhook`, Celery 5 with a
+  Redis broker, `acks_late`, 2 worker processes × 8 threads.
+- KYC through the outbox: rows only in PostgreSQL; the relay fork moves them (the production path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from psycopg.types.json import Jsonb
+
+from bench.harness import PROCESSES, THREADS, WEBHOOK_SECRET, Progress, Sandboxed, cpu_meter, worker_pids
+
+ALG = "HMAC_SHA256_HEX"
+# Event mix: 70 % approved, 20 % "retry" (RED + RETRY), 10 % pending (audit only). No final RED:
+# that enqueues the AML check, which calls Sumsub (a different benchmark).
+MIX = ["GREEN"] * 7 + ["RETRY"] * 2 + ["PENDING"]
+
+
+# --- workload -------------------------------------------------------------------------------
+
+
+def seed_users(sb: Sandboxed, n: int) -> None:
+    sb.sql("""INSERT INTO users (id, kyc_applicant_id, kyc_status)
+              SELECT 'u' || g, 'app' || g, 'pending' FROM generate_series(1, %s) g""", (n,))
+    sb.sql("ANALYZE users")
+
+
+def webhook_payload(i: int, users: int, base_ms: int) -> dict[str, Any]:
+    """A signed Sumsub webhook as the web tier forwards it (raw body text + digest headers)."""
+    from worker.providers.sumsub import webhook_digest
+
+    applicant = f"app{i % users + 1}"
+    kind = MIX[i % len(MIX)]
+    event: dict[str, Any] = {"applicantId": applicant, "inspectionId": f"insp{i}", "correlationId": f"req-{i}",
+                             "levelName": "basic-kyc-level", "externalUserId": f"u{i % users + 1}",
+                             "sandboxMode": False, "createdAtMs": str(base_ms + i)}
+    if kind == "PENDING":
+        event.update(type="applicantPending", reviewStatus="pending")
+    else:
+        event.update(type="applicantReviewed", reviewStatus="completed",
+                     reviewResult={"reviewAnswer": "GREEN"} if kind == "GREEN" else
+                     {"reviewAnswer": "RED", "reviewRejectType": "RETRY", "rejectLabels": ["DOCUMENT_PAGE_MISSING"]})
+    body = json.dumps(event)
+    digest = webhook_digest(WEBHOOK_SECRET.encode(), body.encode(), ALG)
+    return {"body": body, "headers": {"X-Payload-Digest": digest, "X-Payload-Digest-Alg": ALG},
+            "received_at": datetime.now(UTC).isoformat()}
+
+
+def insert_outbox(sb: Sandboxed, first: int, n: int, users: int, *, relayed: bool) -> list[dict]:
+    """n webhook rows in job_outbox (one statement); relayed=True keeps the relay's hands off them."""
+    base_ms = int(time.time() * 1000) - 3_600_000
+    payloads = [webhook_payload(i, users, base_ms) for i in range(first, first + n)]
+    keys = [f"bench:{sb.namespace}:{i}" for i in range(first, first + n)]
+    with psycopg.connect(sb.db_url, autocommit=True) as conn:
+        from psycopg.rows import dict_row
+
+        rows = conn.cursor(row_factory=dict_row).execute(
+            """INSERT INTO job_outbox (job, payload, idempotency_key, relayed_at)
+               SELECT 'kyc.sumsub_webhook', p, k, CASE WHEN %s THEN now() END
+                 FROM unnest(%s::jsonb[], %s::text[]) AS t(p, k)
+               RETURNING id, job, payload, idempotency_key""",
+            (relayed, [Jsonb(p) for p in payloads], keys),
+        ).fetchall()
+    return rows
+
+
+def preload_drop(rows: list[dict]) -> None:
+    """What the relay sends for these rows (same message shape), written to Redis up front."""
+    import jobs
+    from jobs.outbox import _message_for, enqueue_many
+
+    for i in range(0, len(rows), 2000):
+        enqueue_many(jobs.broker, [_message_for(jobs.broker, r)[0] for r in rows[i:i + 2000]])
+
+
+def preload_celery(rows: list[dict]) -> None:
+    from bench.celery_app import app
+
+    with app.producer_or_acquire() as producer:
+        for r in rows:
+            app.send_task("kyc.sumsub_webhook", kwargs={**r["payload"], "outbox_id": r["id"]}, producer=producer)
+
+
+def outbox_done(sb: Sandboxed) -> int:
+    return sb.sql("SELECT count(*) FROM job_outbox WHERE done_at IS NOT NULL")[0][0]
+
+
+def _wait_boot(proc: subprocess.Popen, sb: Sandboxed, log: str, seconds: float = 1.0) -> None:
+    time.sleep(seconds)
+    if proc.poll() is not None:
+        raise RuntimeError(f"{log} exited early:\n{sb.log_tail(log)}")
+
+
+def _finish(name: str, progress: Progress, cpu: dict[str, float], **extra: Any) -> dict[str, Any]:
+    elapsed = progress.samples[-1][0] if progress.samples else float("nan")
+    figures = {"name": name, "jobs": progress.total, "done": progress.done, "per_s": round(progress.rate(), 1),
+               "elapsed_s": round(elapsed, 2), "machine_cpu_busy": round(cpu.get("busy", float("nan")), 3), **extra}
+    print(f"  {name}: {figures['per_s']} jobs/s ({progress.done}/{progress.total} in {elapsed:.1f} s, "
+          f"CPU {figures['machine_cpu_busy']:.0%})", flush=True)
+    return figures
+
+
+def _check_complete(progress: Progress, sb: Sandboxed, log: str) -> None:
+    if progress.done < progress.total:
+        print(f"  INCOMPLETE ({progress.done}/{progress.total}); log tail:\n{sb.log_tail(log)}", file=sys.stderr)
+
+
+# --- the runs -------------------------------------------------------------------------------
+
+
+def run_noop_raw(n: int, timeout_s: float = 240) -> dict[str, Any]:
+    """Point 1: the limit (Dramatiq alone, default middleware, no-op)."""
+    import dramatiq
+    from dramatiq.brokers.redis import RedisBroker
+
+    from jobs.outbox import enqueue_many
+
+    with Sandboxed("noop") as sb:
+        raw = RedisBroker(url=sb.redis_url, namespace=f"{sb.namespace}-raw")
+        msgs = [dramatiq.Message(queue_name="bench", actor_name="bench.noop", args=(i,), kwargs={}, options={})
+                for i in range(n)]
+        for i in range(0, n, 5000):
+            enqueue_many(raw, msgs[i:i + 5000])
+        client = redis.Redis.from_url(sb.redis_url)
+        key = f"{sb.namespace}-raw:bench.msgs"
+        proc = sb.start([sys.executable, "-m", "dramatiq", "bench.noop_raw", "--processes", str(PROCESSES),
+                         "--threads", str(THREADS)], "noop-raw")
+        with cpu_meter() as cpu:
+            progress = Progress(n).watch(lambda: n - client.hlen(key), timeout_s, interval=0.05, procs=sb.procs)
+        _check_complete(progress, sb, "noop-raw")
+        client.close()
+        raw.close()
+        del proc
+        return _finish("limit: Dramatiq no-op (default middleware)", progress, cpu)
+
+
+def run_noop_drop(n: int, timeout_s: float = 240) -> dict[str, Any]:
+    """The same no-op through drop-worker's middleware stack: what the stack costs per message."""
+    import dramatiq
+
+    import jobs
+    from jobs.outbox import enqueue_many
+
+    with Sandboxed("dnoop") as sb:
+        msgs = [dramatiq.Message(queue_name="bench", actor_name="bench.drop_noop", args=(i,), kwargs={}, options={})
+                for i in range(n)]
+        for i in range(0, n, 5000):
+            enqueue_many(jobs.broker, msgs[i:i + 5000])
+        client = redis.Redis.from_url(sb.redis_url)
+        key = f"{sb.namespace}-dramatiq:bench.msgs"
+        sb.start_drop_pool(["bench"], ("bench.drop_actors",))
+        with cpu_meter() as cpu:
+            progress = Progress(n).watch(lambda: n - client.hlen(key), timeout_s, interval=0.05, procs=sb.procs)
+        _check_complete(progress, sb, "drop-pool")
+        client.close()
+        return _finish("drop-worker stack, no-op", progress, cpu)
+
+
+def run_kyc_drop(n: int, timeout_s: float = 300, *, profile_s: float = 0) -> dict[str, Any]:
+    """Point 2: N signed webhooks, preloaded as relayed messages, run by drop-worker's pool."""
+    with Sandboxed("kyc") as sb:
+        seed_users(sb, n)
+        rows = insert_outbox(sb, 0, n, n, relayed=True)
+        preload_drop(rows)
+        pool = sb.start_drop_pool(["kyc"])
+        profile: dict[str, Any] = {}
+        if profile_s:
+            # Attach once the workers are busy; one worker process is representative.
+            threading.Thread(target=_profile, args=(pool.pid, profile_s, profile), daemon=True).start()
+        with cpu_meter() as cpu:
+            progress = Progress(n).watch(lambda: outbox_done(sb), timeout_s, procs=sb.procs)
+        _check_complete(progress, sb, "drop-pool")
+        outcomes = dict(sb.sql("SELECT action, count(*) FROM audit_log GROUP BY 1"))
+        figures = _finish("KYC webhooks, drop-worker (Dramatiq)", progress, cpu, audit=outcomes)
+        if profile_s:
+            deadline = time.monotonic() + profile_s + 20
+            while "top" not in profile and "error" not in profile and time.monotonic() < deadline:
+                time.sleep(0.2)
+            figures["profile"] = profile
+        return figures
+
+
+def run_kyc_celery(n: int, timeout_s: float = 300) -> dict[str, Any]:
+    """Point 3: the same handler under Celery (Redis broker, acks_late), same concurrency."""
+    with Sandboxed("celery") as sb:
+        seed_users(sb, n)
+        rows = insert_outbox(sb, 0, n, n, relayed=True)
+        os.environ["BENCH_NAMESPACE"] = sb.namespace
+        sys.modules.pop("bench.celery_app", None)  # the key prefix is read at import
+        preload_celery(rows)
+        for p in range(PROCESSES):
+            sb.start([sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "--pool", "threads",
+                      "--concurrency", str(THREADS), "-Q", "kyc", "-n", f"bench{p}@%h", "--loglevel", "WARNING",
+                      "--without-gossip", "--without-mingle", "--without-heartbeat"], f"celery{p}")
+        with cpu_meter() as cpu:
+            progress = Progress(n).watch(lambda: outbox_done(sb), timeout_s, procs=sb.procs)
+        _check_complete(progress, sb, "celery0")
+        outcomes = dict(sb.sql("SELECT action, count(*) FROM audit_log GROUP BY 1"))
+        return _finish("KYC webhooks, Celery (same handler)", progress, cpu, audit=outcomes)
+
+
+def run_kyc_outbox(n: int, timeout_s: float = 300) -> dict[str, Any]:
+    """The production path end to end: rows in PostgreSQL only, the relay fork sends them."""
+    with Sandboxed("kycob") as sb:
+        seed_users(sb, n)
+        pool = sb.start_drop_pool(["kyc"])
+        _wait_boot(pool, sb, "drop-pool", 4)  # the relay must be up: here its work is timed
+        insert_outbox(sb, 0, n, n, relayed=False)
+        sb.sql("NOTIFY job_outbox")
+        with cpu_meter() as cpu:
+            progress = Progress(n).watch(lambda: outbox_done(sb), timeout_s, procs=sb.procs)
+        _check_complete(progress, sb, "drop-pool")
+        return _finish("KYC webhooks through the outbox relay", progress, cpu)
+
+
+# --- point 4: latency at a steady rate --------------------------------------------------------
+
+_LATENCY_TRIGGER = """
+CREATE TABLE bench_done (outbox_id bigint PRIMARY KEY, at timestamptz NOT NULL);
+CREATE FUNCTION bench_done_at() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- clock_timestamp(), not now(): the moment of the job's last statement, just before COMMIT.
+    INSERT INTO bench_done VALUES (NEW.id, clock_timestamp()) ON CONFLICT DO NOTHING;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER bench_done_at AFTER UPDATE OF done_at ON job_outbox
+    FOR EACH ROW WHEN (OLD.done_at IS NULL AND NEW.done_at IS NOT NULL) EXECUTE FUNCTION bench_done_at();
+"""
+
+
+def run_latency(rate: float = 500, seconds: float = 20, warmup_s: float = 3) -> dict[str, Any]:
+    """Enqueue→effect committed at a steady rate: one web-tier style INSERT per job (autocommit,
+    the row's `created_at` is the enqueue time), through NOTIFY, the relay, Redis and the worker;
+    the effect time is taken by a bench-only trigger on the job's last statement."""
+    n = int(rate * seconds)
+    with Sandboxed("lat") as sb:
+        seed_users(sb, n)
+        sb.sql(_LATENCY_TRIGGER)
+        pool = sb.start_drop_pool(["kyc"])
+        _wait_boot(pool, sb, "drop-pool", 5)
+        base_ms = int(time.time() * 1000) - 3_600_000
+        payloads = [Jsonb(webhook_payload(i, n, base_ms)) for i in range(n)]
+        behind = 0.0
+        with psycopg.connect(sb.db_url, autocommit=True) as conn, cpu_meter() as cpu:
+            t0 = time.perf_counter()
+            for i, p in enumerate(payloads):
+                due = t0 + i / rate
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                else:
+                    behind = max(behind, -wait)
+                conn.execute("INSERT INTO job_outbox (job, payload, idempotency_key) VALUES (%s, %s, %s)",
+                             ("kyc.sumsub_webhook", p, f"lat:{i}"))
+            produced_s = time.perf_counter() - t0
+            progress = Progress(n).watch(lambda: outbox_done(sb), 120)
+        _check_complete(progress, sb, "drop-pool")
+        rows = sb.sql("""SELECT extract(epoch FROM d.at - o.created_at) * 1000
+                           FROM job_outbox o JOIN bench_done d ON d.outbox_id = o.id
+                          WHERE o.created_at >= (SELECT min(created_at) FROM job_outbox) + %s * interval '1 second'
+                          ORDER BY 1""", (warmup_s,))
+        lat = [float(r[0]) for r in rows]
+
+        def pct(q: float) -> float:
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))], 1) if lat else float("nan")
+
+        figures = {"name": f"latency at {rate:.0f} jobs/s", "rate": rate, "jobs": n, "measured": len(lat),
+                   "offered_per_s": round(n / produced_s, 1), "producer_max_lag_ms": round(behind * 1000, 1),
+                   "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+                   "machine_cpu_busy": round(cpu.get("busy", float("nan")), 3), "warmup_s": warmup_s}
+        print(f"  latency @ {figures['offered_per_s']}/s offered: p50 {figures['p50_ms']} ms, p95 {figures['p95_ms']} "
+              f"ms, p99 {figures['p99_ms']} ms, max {figures['max_ms']} ms ({len(lat)} jobs)", flush=True)
+        return figures
+
+
+# --- point 7: soak --------------------------------------------------------------------------
+
+
+def run_soak(total: int, *, window: int = 20_000, users: int = 10_000, timeout_s: float = 3600) -> dict[str, Any]:
+    """KYC webhooks through drop-worker's pool, fed in windows so Redis holds ≤ 2 windows, while
+    the RSS of each worker process is sampled. Users repeat (newer events apply again), so the
+    tables grow like production's and nothing is skipped as a duplicate."""
+    import psutil
+
+    with Sandboxed("soak") as sb:
+        seed_users(sb, users)
+        client = redis.Redis.from_url(sb.redis_url)
+        key = f"{sb.namespace}-dramatiq:kyc.msgs"
+        fed = 0
+
+        def feed() -> None:
+            nonlocal fed
+            take = min(window, total - fed)
+            preload_drop(insert_outbox(sb, fed, take, users, relayed=True))
+            fed += take
+
+        feed()
+        pool = sb.start_drop_pool(["kyc"])
+        _wait_boot(pool, sb, "drop-pool", 3)
+        pids = worker_pids(pool.pid)
+        procs = {pid: psutil.Process(pid) for pid in pids}
+        samples: list[tuple[float, int, float]] = []  # (s, jobs done, total worker RSS MiB)
+        per_proc: dict[int, list[float]] = {pid: [] for pid in pids}
+        t0 = time.perf_counter()
+        last_sample = 0.0
+        while True:
+            queued = client.hlen(key)
+            done = fed - queued
+            if fed < total and queued < window:
+                feed()
+                continue
+            now = time.perf_counter() - t0
+            if now - last_sample >= 2 or done >= total:
+                rss = []
+                for pid, p in procs.items():
+                    try:
+                        mib = p.memory_info().rss / 2**20
+                    except psutil.Error:
+                        mib = float("nan")
+                    per_proc[pid].append(mib)
+                    rss.append(mib)
+                samples.append((now, done, sum(rss)))
+                last_sample = now
+                if len(samples) % 15 == 0:
+                    print(f"  soak: {done}/{total} jobs, {now:.0f} s, worker RSS {sum(rss):.1f} MiB", flush=True)
+            if done >= total or now > timeout_s:
+                break
+            time.sleep(0.2)
+        client.close()
+        alive = [p.is_running() for p in procs.values()]
+        # Slope after warm-up (first 10 % of jobs): least squares of RSS over jobs done.
+        steady = [(d, r) for _, d, r in samples if d >= 0.1 * total]
+        slope = _slope(steady)
+        elapsed = samples[-1][0]
+        figures = {"name": "soak", "jobs": total, "done": samples[-1][1], "elapsed_s": round(elapsed, 1),
+                   "per_s": round(samples[-1][1] / elapsed, 1), "processes": len(pids), "all_alive": all(alive),
+                   "rss_start_mib": round(samples[0][2], 1),
+                   "rss_after_warmup_mib": round(steady[0][1], 1) if steady else None,
+                   "rss_end_mib": round(samples[-1][2], 1), "rss_max_mib": round(max(r for *_, r in samples), 1),
+                   "slope_kib_per_100k_jobs": round(slope * 100_000 * 1024, 1),
+                   "samples": [(round(t, 1), d, round(r, 2)) for t, d, r in samples]}
+        print(f"  soak: {figures['done']} jobs in {elapsed:.0f} s; worker RSS {figures['rss_start_mib']} → "
+              f"{figures['rss_end_mib']} MiB; slope after warm-up {figures['slope_kib_per_100k_jobs']} KiB per "
+              f"100k jobs", flush=True)
+        return figures
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    if len(points) < 2:
+        return float("nan")
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / var if var else float("nan")
+
+
+# --- point 8: profile -----------------------------------------------------------------------
+
+
+def _profile(leader: int, seconds: float, out: dict[str, Any]) -> None:
+    """py-spy (sampling, from outside) on one worker process; folded stacks summarised."""
+    time.sleep(2.5)  # past boot: the workers are consuming
+    pids = worker_pids(leader)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not pids:
+        out["error"] = "no worker process found"
+        return
+    folded = Path(tempfile.mkdtemp(prefix="drop-bench-spy-")) / "kyc.folded"
+    result = subprocess.run([spy, "record", "--pid", str(pids[-1]), "--duration", str(int(seconds)), "--rate", "250",
+                             "--format", "raw", "--nonblocking", "--output", str(folded)],
+                            capture_output=True, text=True, check=False)
+    if not folded.exists():
+        out["error"] = (result.stderr or result.stdout)[-500:]
+        return
+    out.update(summarise_folded(folded.read_text()))
+    out["folded_path"] = str(folded)
+
+
+# Buckets for the KYC path, matched on frames (first match from the leaf up wins).
+_BUCKETS = [
+    ("PostgreSQL round trips (psycopg wait)", ("psycopg/waiting.py", "psycopg_binary", "psycopg/generators.py")),
+    ("pool check (SELECT-less ping)", ("check_connection",)),
+    ("Redis calls (broker, middleware)",
+     ("redis/connection.py", "redis/client.py", "redis/commands", "redis/_parsers")),
+    ("Prometheus multiprocess files", ("prometheus_client",)),
+    ("JSON encode/decode", ("json/",)),
+    ("digest (hmac)", ("hmac.py",)),
+    ("logging", ("logging/",)),
+]
+
+
+def summarise_folded(text: str) -> dict[str, Any]:
+    """Top frames by inclusive and self samples, and samples by bucket."""
+    inclusive: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    buckets: Counter[str] = Counter()
+    total = 0
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")[1:]  # the first entry is the thread
+        total += n
+        for f in set(frames):
+            inclusive[f] += n
+        if frames:
+            leaf[frames[-1]] += n
+        for label, needles in _BUCKETS:
+            if any(any(x in f for x in needles) for f in frames):
+                buckets[label] += n
+                break
+        else:
+            buckets["other Python (handler, Dramatiq, middleware)"] += n
+
+    def pct(c: Counter[str], k: int) -> list[tuple[str, float]]:
+        return [(f, round(100 * v / total, 1)) for f, v in c.most_common(k)] if total else []
+
+    return {"samples": total, "top": pct(inclusive, 25), "leaf": pct(leaf, 12), "buckets": pct(buckets, 10)}
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench kyc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--noop-jobs", type=int, default=40_000)
+    parser.add_argument("--quick", action="store_true", help="small N for development")
+    parser.add_argument("--only", choices=["noop", "dnoop", "kyc", "celery", "outbox", "latency", "soak", "profile"],
+                        action="append")
+    parser.add_argument("--soak-jobs", type=int, default=30_000)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.jobs, args.noop_jobs = min(args.jobs, 2000), min(args.noop_jobs, 8000)
+    from bench.harness import ensure_servers
+
+    embedded = ensure_servers()
+    import jobs  # noqa: F401  (the drop broker, before any Sandboxed points it at a namespace)
+
+    only = set(args.only or ["noop", "dnoop", "kyc", "celery", "outbox"])
+    results: dict[str, Any] = {}
+    try:
+        if "noop" in only:
+            results["noop"] = run_noop_raw(args.noop_jobs)
+        if "dnoop" in only:
+            results["dnoop"] = run_noop_drop(args.noop_jobs)
+        if "kyc" in only:
+            results["kyc"] = run_kyc_drop(args.jobs)
+        if "celery" in only:
+            results["celery"] = run_kyc_celery(args.jobs)
+        if "outbox" in only:
+            results["outbox"] = run_kyc_outbox(args.jobs)
+        if "latency" in only:
+            results["latency"] = run_latency(seconds=8 if args.quick else 20)
+        if "soak" in only:
+            results["soak"] = run_soak(args.soak_jobs)
+        if "profile" in only:
+            results["profile"] = run_kyc_drop(max(args.jobs, 6000), profile_s=8)
+    finally:
+        if embedded is not None:
+            embedded.stop()  # type: ignore[attr-defined]
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
