@@ -313,7 +313,17 @@ def test_a_refusal_just_before_the_window_frees_comes_back_in_this_window(db, sq
 # --- fan-out ---------------------------------------------------------------------------------------
 
 
-def test_fan_out_one_job_per_valid_consent_account_spread_by_a_stable_offset(db, sql):
+def per_account(rows):
+    """account → (its batch row, the time it is due) from aisp.refresh_batch outbox rows."""
+    due = {}
+    for r in rows:
+        for acct in r["payload"]["bank_account_ids"]:
+            assert acct not in due, f"{acct} enqueued twice"
+            due[acct] = (r, r["available_at"])
+    return due
+
+
+def test_fan_out_one_read_per_valid_consent_account_spread_by_a_stable_offset(db, sql):
     valid = add_accounts(sql, n=300, prefix="ok")
     add_accounts(sql, n=4, prefix="exp", consent_status="expired")
     add_accounts(sql, n=4, prefix="rel", needs_relink=True)
@@ -323,27 +333,44 @@ def test_fan_out_one_job_per_valid_consent_account_spread_by_a_stable_offset(db,
     slot = datetime(2026, 3, 2, 5, 15, tzinfo=UTC)
     assert aisp.fan_out(slot, spread_s=3600, chunk=64) == 300
     assert aisp.fan_out(slot, spread_s=3600, chunk=64) == 0  # idempotent per (account, slot)
-    rows = sql("SELECT payload, idempotency_key, available_at FROM job_outbox")
-    assert sorted(r["payload"]["bank_account_id"] for r in rows) == sorted(valid)
+    rows = sql("SELECT job, payload, idempotency_key, available_at FROM job_outbox")
+    due = per_account(rows)
+    assert sorted(due) == sorted(valid)
     slot_text = slot.astimezone(rules.OSLO).isoformat()
     offsets = []
-    for r in rows:
-        acct = r["payload"]["bank_account_id"]
-        assert r["payload"] == {"bank_account_id": acct, "initiated_by": "scheduler", "slot": slot_text}
-        assert r["idempotency_key"] == f"aisp:{acct}:{slot_text}"
-        offset = (r["available_at"] - slot).total_seconds()
-        assert offset == rules.stable_offset(acct, 3600)  # SQL and Python agree
+    for acct, (r, at) in due.items():
+        assert r["job"] == "aisp.refresh_batch"
+        assert r["payload"] == {"bank_account_ids": sorted(r["payload"]["bank_account_ids"]), "slot": slot_text}
+        offset = (at - slot).total_seconds()
+        assert r["idempotency_key"] == f"aisp:batch:{slot_text}:{int(offset)}:{r['payload']['bank_account_ids'][0]}"
+        assert offset == rules.stable_offset(acct, 3600)  # SQL and Python agree: each account its own second
         offsets.append(offset)
     buckets = Counter(int(o // 600) for o in offsets)  # six 10-minute buckets, 50 expected each
     assert len(buckets) == 6 and all(25 <= n <= 75 for n in buckets.values())
     # The next slot gives every account the same offset: its reads stay 6 h apart.
     later = slot + timedelta(hours=6)
     aisp.fan_out(later, spread_s=3600)
-    by_slot = sql("""SELECT payload->>'bank_account_id' AS id, array_agg(available_at ORDER BY available_at) AS at
-                       FROM job_outbox GROUP BY 1""")
-    both = [r for r in by_slot if len(r["at"]) == 2]
-    assert len(both) == 300 and all(r["at"][1] - r["at"][0] == timedelta(hours=6) for r in both)
-    assert sorted(r["id"] for r in by_slot if len(r["at"]) == 1) == paused  # their pause has ended
+    by_slot = {}
+    for r in sql("SELECT payload, available_at FROM job_outbox"):
+        for acct in r["payload"]["bank_account_ids"]:
+            by_slot.setdefault(acct, []).append(r["available_at"])
+    both = {a: sorted(at) for a, at in by_slot.items() if len(at) == 2}
+    assert len(both) == 300 and all(at[1] - at[0] == timedelta(hours=6) for at in both.values())
+    assert sorted(a for a, at in by_slot.items() if len(at) == 1) == paused  # their pause has ended
+
+
+def test_fan_out_groups_accounts_due_in_the_same_second_up_to_the_batch_size(db, sql):
+    valid = add_accounts(sql, n=250, prefix="b")
+    slot = datetime(2026, 3, 2, 5, 15, tzinfo=UTC)
+    assert aisp.fan_out(slot, spread_s=0, batch_size=100) == 250  # all due at once: 100 + 100 + 50
+    rows = sql("SELECT payload, available_at FROM job_outbox ORDER BY idempotency_key")
+    assert sorted(len(r["payload"]["bank_account_ids"]) for r in rows) == [50, 100, 100]
+    assert {r["available_at"] for r in rows} == {slot}
+    assert sorted(per_account(rows)) == sorted(valid)
+    sql("DELETE FROM job_outbox")
+    assert aisp.fan_out(slot, spread_s=60, batch_size=100) == 250  # one job per second that has accounts
+    rows = sql("SELECT payload, available_at FROM job_outbox")
+    assert len({r["available_at"] for r in rows}) == len(rows) <= 60
 
 
 def test_scheduler_slot_to_balances_end_to_end_through_outbox_relay_and_worker(db, sql, sandbox, worker, relay,

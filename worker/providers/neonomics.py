@@ -25,6 +25,7 @@ from worker.money import AmountError, format_amount, parse_amount
 from worker.providers.base import PROVIDER_LATENCY, PROVIDER_REQUESTS, ProviderClient
 from worker.providers.errors import (
     AuthenticationError,
+    CircuitOpenError,
     ConsentError,
     ProviderError,
     error_for_response,
@@ -36,7 +37,7 @@ BALANCE_PREFERENCE = ("expected", "interimAvailable", "closingBooked", "interimB
 TOKEN_REFRESH_MARGIN_S = 60.0
 # Connections of one loop's async client: the in-flight reads of a worker process share them.
 ASYNC_MAX_CONNECTIONS = 128
-ASYNC_CONNECTIONS_PER_SHARD = 8
+ASYNC_CONNECTIONS_PER_SHARD = 4
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ class AsyncNeonomicsClient:
             # worker.http's factory (timeouts, headers, X-Request-ID), its connections split over a
             # few small pools: httpcore scans every connection of a pool for each request it
             # assigns and each response it closes, so one pool of N connections costs O(N) per
-            # request (most of the CPU of a read at 1000 reads/s); shards of 8 keep that constant.
+            # request (most of the CPU of a read at 1000 reads/s); shards of 4 keep that constant.
             per_shard = min(max_connections, ASYNC_CONNECTIONS_PER_SHARD)
             limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard,
                                   keepalive_expiry=30)
@@ -358,6 +359,10 @@ class AsyncNeonomicsClient:
     @property
     def tokens_fetched(self) -> int:
         return self._token.fetched
+
+    async def access_token(self) -> str:
+        """A valid token (cached, or fetched now): lets a caller fail before it reserves anything."""
+        return await self._access_token()
 
     async def _access_token(self, *, stale: str | None = None) -> str:
         token = self._token
@@ -420,11 +425,30 @@ class AsyncNeonomicsClient:
                 token = await self._access_token(stale=token)
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def admit_many() -> bool:
+        """One breaker admission for requests about to be sent together (a batch of reads).
+
+        True: breaker `neonomics_aisp` is closed; pass `admitted=True` to `get_balances` for
+        each of them (one Redis round trip instead of one per request; each request's failure
+        still counts). False: open or half-open — the caller sends each request unadmitted, so
+        the breaker refuses them or grants its single trial as usual."""
+        breaker = get_breaker(NEONOMICS_AISP)
+        try:
+            token = breaker._admit()
+        except CircuitOpenError:
+            return False
+        if token is not None:  # we won the half-open trial ticket: give it back for one request
+            breaker._release(token)
+            return False
+        return True
+
     async def get_balances(self, account_id: str, consent_id: str, *, psu_ip: str | None = None,
-                           request_id: str | None = None) -> Balances:
+                           request_id: str | None = None, admitted: bool = False) -> Balances:
         """GET balances, one attempt through breaker `neonomics_aisp` (no in-process retries:
         every AISP request counts against PSD2's quota, so the caller decides about retries).
-        `request_id` becomes X-Request-ID (the quota ledger records it)."""
+        `request_id` becomes X-Request-ID (the quota ledger records it). `admitted`: the caller
+        got `admit_many()` for this request (closed breaker); its outcome is still reported."""
         headers = {"X-Consent-ID": consent_id, "Content-Type": "application/json"}
         if request_id:
             headers[REQUEST_ID_HEADER] = request_id
@@ -436,7 +460,15 @@ class AsyncNeonomicsClient:
             response = await self._authorized("balances", "GET", path, headers=headers)
             return self._parse_balances(account_id, self._json(response, "balances"))
 
-        return await get_breaker(NEONOMICS_AISP).call_async(attempt)
+        breaker = get_breaker(NEONOMICS_AISP)
+        if not admitted:
+            return await breaker.call_async(attempt)
+        try:
+            result = await attempt()
+        except BaseException as exc:
+            breaker._outcome(None, exc)  # a failure counts as it would after a single admission
+            raise
+        return result  # a closed-state success changes nothing (breaker._on_success)
 
 
 # One async client per (process, event loop, configuration): an httpx.AsyncClient belongs to
