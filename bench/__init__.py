@@ -2,5 +2,6 @@
 
 BENCHMARKS = {
     "aisp": ("bench.aisp_refresh", "AISP refresh throughput: accounts/s against the sandbox at 100 ms latency"),
+    "fanout": ("bench.fanout", "AISP fan-out for 1 M accounts: outbox rows, relay to Redis, Redis memory"),
     "kyc": ("bench.kyc", "KYC webhooks vs the Dramatiq no-op limit and vs Celery; latency, soak, profile"),
 }

@@ -118,6 +118,11 @@ class Sandboxed:
         os.environ.update({"DATABASE_URL": self.db_url, "DROP_REDIS_NAMESPACE": self.namespace,
                            "DROP_DATA_DIR": str(self.data_dir), "SUMSUB_WEBHOOK_SECRET": WEBHOOK_SECRET})
         _reset_clients(self.namespace)
+        # A running deployment has its broker epoch (jobs.outbox.check_broker_epoch); without it the
+        # relay would take this fresh namespace for a Redis loss and re-send every preloaded message.
+        client = redis.Redis.from_url(self.redis_url)
+        client.set(f"{self.namespace}:broker:epoch", uuid.uuid4().hex)
+        client.close()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -212,8 +217,10 @@ def worker_pids(leader: int, *, exclude_leader: bool = True) -> list[int]:
         if exclude_leader and pid == leader:
             continue
         with contextlib.suppress(psutil.Error):
-            cmd = " ".join(psutil.Process(pid).cmdline())
-            if "dramatiq" in cmd or "celery" in cmd:
+            proc = psutil.Process(pid)
+            cmd = " ".join(proc.cmdline())
+            # The relay fork runs the same command line but with one or two threads.
+            if ("dramatiq" in cmd or "celery" in cmd) and proc.num_threads() > 4:
                 pids.append(pid)
     return pids
 

@@ -184,22 +184,27 @@ def run_noop_drop(n: int, timeout_s: float = 240) -> dict[str, Any]:
         return _finish("drop-worker stack, no-op", progress, cpu)
 
 
-def run_kyc_drop(n: int, timeout_s: float = 300, *, profile_s: float = 0) -> dict[str, Any]:
-    """Point 2: N signed webhooks, preloaded as relayed messages, run by drop-worker's pool."""
+def run_kyc_drop(n: int, timeout_s: float = 300, *, profile_s: float = 0, before: bool = False) -> dict[str, Any]:
+    """Point 2: N signed webhooks, preloaded as relayed messages, run by drop-worker's pool.
+    `before=True` loads bench.kyc_unpipelined: the job as it was before the point-8 change."""
     with Sandboxed("kyc") as sb:
         seed_users(sb, n)
         rows = insert_outbox(sb, 0, n, n, relayed=True)
         preload_drop(rows)
-        pool = sb.start_drop_pool(["kyc"])
+        procs0 = _process_cpu()
+        pool = sb.start_drop_pool(["kyc"], ("bench.kyc_unpipelined",) if before else ())
         profile: dict[str, Any] = {}
         if profile_s:
             # Attach once the workers are busy; one worker process is representative.
             threading.Thread(target=_profile, args=(pool.pid, profile_s, profile), daemon=True).start()
         with cpu_meter() as cpu:
             progress = Progress(n).watch(lambda: outbox_done(sb), timeout_s, procs=sb.procs)
+        cpu_ms = _cpu_ms_per_job(procs0, {"workers": pool.pid}, progress.done)
         _check_complete(progress, sb, "drop-pool")
         outcomes = dict(sb.sql("SELECT action, count(*) FROM audit_log GROUP BY 1"))
-        figures = _finish("KYC webhooks, drop-worker (Dramatiq)", progress, cpu, audit=outcomes)
+        name = ("KYC webhooks, drop-worker, before the point-8 change" if before
+                else "KYC webhooks, drop-worker (Dramatiq)")
+        figures = _finish(name, progress, cpu, audit=outcomes, cpu_ms_per_job=cpu_ms)
         if profile_s:
             deadline = time.monotonic() + profile_s + 20
             while "top" not in profile and "error" not in profile and time.monotonic() < deadline:
@@ -216,15 +221,17 @@ def run_kyc_celery(n: int, timeout_s: float = 300) -> dict[str, Any]:
         os.environ["BENCH_NAMESPACE"] = sb.namespace
         sys.modules.pop("bench.celery_app", None)  # the key prefix is read at import
         preload_celery(rows)
+        procs0 = _process_cpu()
         for p in range(PROCESSES):
             sb.start([sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "--pool", "threads",
                       "--concurrency", str(THREADS), "-Q", "kyc", "-n", f"bench{p}@%h", "--loglevel", "WARNING",
                       "--without-gossip", "--without-mingle", "--without-heartbeat"], f"celery{p}")
         with cpu_meter() as cpu:
             progress = Progress(n).watch(lambda: outbox_done(sb), timeout_s, procs=sb.procs)
+        cpu_ms = _cpu_ms_per_job(procs0, {f"workers{i}": p.pid for i, p in enumerate(sb.procs)}, progress.done)
         _check_complete(progress, sb, "celery0")
         outcomes = dict(sb.sql("SELECT action, count(*) FROM audit_log GROUP BY 1"))
-        return _finish("KYC webhooks, Celery (same handler)", progress, cpu, audit=outcomes)
+        return _finish("KYC webhooks, Celery (same handler)", progress, cpu, audit=outcomes, cpu_ms_per_job=cpu_ms)
 
 
 def run_kyc_outbox(n: int, timeout_s: float = 300) -> dict[str, Any]:
@@ -239,6 +246,24 @@ def run_kyc_outbox(n: int, timeout_s: float = 300) -> dict[str, Any]:
             progress = Progress(n).watch(lambda: outbox_done(sb), timeout_s, procs=sb.procs)
         _check_complete(progress, sb, "drop-pool")
         return _finish("KYC webhooks through the outbox relay", progress, cpu)
+
+
+def _process_cpu() -> dict:
+    from bench.aisp_refresh import _process_cpu as snapshot
+
+    return snapshot()
+
+
+def _cpu_ms_per_job(before: dict, roles: dict[str, int], jobs_done: int) -> dict[str, float]:
+    """CPU milliseconds per job by role (workers, PostgreSQL, Redis, this process, others)."""
+    from bench.aisp_refresh import _cpu_by_role
+
+    used = _cpu_by_role(before, _process_cpu(), roles)
+    merged: dict[str, float] = {}
+    for role, secs in used.items():
+        role = "workers" if role.startswith("workers") else role
+        merged[role] = merged.get(role, 0.0) + secs
+    return {k: round(1000 * v / max(jobs_done, 1), 2) for k, v in merged.items()}
 
 
 # --- point 4: latency at a steady rate --------------------------------------------------------
@@ -396,7 +421,7 @@ def _profile(leader: int, seconds: float, out: dict[str, Any]) -> None:
         return
     folded = Path(tempfile.mkdtemp(prefix="drop-bench-spy-")) / "kyc.folded"
     result = subprocess.run([spy, "record", "--pid", str(pids[-1]), "--duration", str(int(seconds)), "--rate", "250",
-                             "--format", "raw", "--nonblocking", "--output", str(folded)],
+                             "--format", "raw", "--nonblocking", "--gil", "--output", str(folded)],
                             capture_output=True, text=True, check=False)
     if not folded.exists():
         out["error"] = (result.stderr or result.stdout)[-500:]
@@ -456,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--noop-jobs", type=int, default=40_000)
     parser.add_argument("--quick", action="store_true", help="small N for development")
-    parser.add_argument("--only", choices=["noop", "dnoop", "kyc", "celery", "outbox", "latency", "soak", "profile"],
+    parser.add_argument("--only", choices=["noop", "dnoop", "kyc", "before", "celery", "outbox", "latency", "soak",
+                                           "profile"],
                         action="append")
     parser.add_argument("--soak-jobs", type=int, default=30_000)
     parser.add_argument("--json", type=Path)
@@ -477,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             results["dnoop"] = run_noop_drop(args.noop_jobs)
         if "kyc" in only:
             results["kyc"] = run_kyc_drop(args.jobs)
+        if "before" in only:
+            results["before"] = run_kyc_drop(args.jobs, before=True)
         if "celery" in only:
             results["celery"] = run_kyc_celery(args.jobs)
         if "outbox" in only:
