@@ -1,14 +1,15 @@
 """AISP refresh throughput: one slot's fan-out for N accounts, refreshed by real Dramatiq worker
 processes against the sandbox with 100 ms latency per balance request.
 
-    python -m bench aisp [--accounts 20000] [--processes 2] [--threads 128] [--latency-ms 100]
+    python -m bench aisp [--accounts 20000] [--processes 2] [--threads 8] [--latency-ms 100]
 
 Everything is real and on loopback: PostgreSQL and Redis (DATABASE_URL / REDIS_URL, else the
 embedded ones), the sandbox (`python -m sandbox`, its own process), the worker pool
 (`python -m worker.pool`, i.e. the `dramatiq` CLI with the outbox relay fork), the quota ledger.
 The run uses its own PostgreSQL schema and Redis namespace and removes both at the end.
 
-Measured: fan-out time (the `INSERT … SELECT` of N outbox rows), then the refresh rate while
+Measured: fan-out time (the `INSERT … SELECT` of the outbox rows: `aisp.refresh_batch` jobs of
+up to 100 accounts due in the same second), then the refresh rate while
 balances land (steady state = between 10 % and 90 % of accounts synced), the whole-run rate,
 CPU use of the machine, and correctness (exactly one request per account at the sandbox, every
 ledger row `ok`). Goal: ≥ 1000 accounts/s on a 2-core node.
@@ -150,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench aisp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--accounts", type=int, default=20_000)
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default: 2, one per core)")
-    # Each in-flight read parks one Dramatiq worker thread (see docs/benchmarks.md); 90 stays
-    # below redis-py's default pool of 100 connections per process, which middleware shares.
-    parser.add_argument("--threads", type=int, default=90, help="worker threads per process")
+    # The fan-out's jobs are aisp.refresh_batch messages of up to 100 accounts, each read
+    # concurrently on the process's event loop: a thread per batch, not per read (the Procfile's 8).
+    parser.add_argument("--threads", type=int, default=8, help="worker threads per process")
     parser.add_argument("--latency-ms", type=int, default=100)
     parser.add_argument("--timeout-s", type=float, default=300.0)
     parser.add_argument("--in-process", action="store_true",
@@ -261,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": _machine(),
             "accounts": args.accounts, "processes": args.processes, "threads": args.threads,
             "latency_ms": args.latency_ms,
-            "fanout_rows": enqueued, "fanout_s": round(fanout_s, 3),
-            "fanout_rows_per_s": round(enqueued / fanout_s) if fanout_s else None,
+            "fanout_accounts": enqueued, "fanout_s": round(fanout_s, 3),
+            "fanout_accounts_per_s": round(enqueued / fanout_s) if fanout_s else None,
             "synced": synced, "elapsed_s": round(elapsed, 2),
             "overall_per_s": round(synced / elapsed) if elapsed else None,
             "steady_per_s": round(steady),

@@ -395,3 +395,55 @@ def test_scheduler_slot_to_balances_end_to_end_through_outbox_relay_and_worker(d
     wait_for(lambda: sql("""SELECT count(*) AS n FROM job_outbox
                              WHERE job = 'aisp.refresh_account' AND done_at IS NULL AND error IS NULL""")[0]["n"] == 0,
              what="outbox rows done")
+
+
+# --- batches (aisp.refresh_batch) ---------------------------------------------------------------------
+
+SLOT = datetime(2026, 3, 2, 5, 15, tzinfo=UTC)
+
+
+def refresh_many(ids, now=T0, **kw):
+    return run(aisp.refresh_many(ids, SLOT, now=now, **kw))
+
+
+def test_a_batch_keeps_each_accounts_outcome_its_own_and_a_redelivery_reads_nothing_twice(db, sql, sandbox):
+    ids = add_accounts(sql, sandbox, n=4, prefix="b", balance=7)
+    sandbox.expire_consent("acc-b-2", "CONSENT_EXPIRED")
+    sandbox.set_account("acc-b-3", currency="SEK")
+    [outbox] = sql("""INSERT INTO job_outbox (job, payload, idempotency_key)
+                      VALUES ('aisp.refresh_batch', '{}', 'k') RETURNING id""")
+    result = refresh_many(ids, outbox_id=outbox["id"])
+    assert result.outcomes == {"b-1": "ok", "b-2": "consent_error", "b-3": "currency_mismatch", "b-4": "ok"}
+    balances = {r["id"]: (r["balance"], r["needs_relink"]) for r in sql("SELECT * FROM bank_accounts")}
+    assert balances["b-2"] == (7, True) and balances["b-3"] == (7, False)
+    assert balances["b-1"][0] == balances["b-4"][0] != 7  # read and stored, unaffected by the others
+    [dead] = sql("SELECT job, reason, message FROM dead_letters")
+    assert dead["job"] == "aisp.refresh_account" and dead["reason"].startswith("CurrencyMismatchError")
+    assert dead["message"]["kwargs"]["bank_account_id"] == "b-3"
+    assert sql("SELECT done_at IS NOT NULL AS done FROM job_outbox WHERE id = %s", (outbox["id"],)) == [{"done": True}]
+    # The same batch delivered again (worker killed before its ack): nothing is read twice.
+    assert set(refresh_many(ids, now=T0 + timedelta(seconds=5)).outcomes.values()) == {"already_read"}
+    assert sandbox.count("neonomics.balances") == 4
+    assert sorted(r["outcome"] for r in sql("SELECT outcome FROM aisp_reads")) == [
+        "consent_error", "currency_mismatch", "ok", "ok"]
+
+
+def test_a_transient_failure_in_a_batch_becomes_that_accounts_own_retry_job(db, sql, sandbox):
+    add_accounts(sql, sandbox, balance=5)
+    sandbox.fault("neonomics.balances", status=503, count=1)
+    assert refresh_many(["ba-1"]).outcomes == {"ba-1": "server_error"}
+    [job] = sql("SELECT job, payload, idempotency_key FROM job_outbox")
+    slot_text = SLOT.astimezone(rules.OSLO).isoformat()
+    assert job == {"job": "aisp.refresh_account", "idempotency_key": f"aisp:ba-1:{slot_text}",
+                   "payload": {"bank_account_id": "ba-1", "initiated_by": "scheduler", "slot": slot_text}}
+    assert account(sql)["balance"] == 5  # cached balance untouched; the retry reserves again
+    assert [r["outcome"] for r in ledger(sql)] == ["server_error"]
+
+
+def test_a_batch_respects_the_quota_per_account(db, sql, sandbox):
+    ids = add_accounts(sql, sandbox, n=2, prefix="q")
+    for h in (-18, -12, -6):
+        assert refresh("q-1", now=T0 + timedelta(hours=h, minutes=-1)).outcome == "ok"
+    assert refresh("q-1", now=SLOT - timedelta(minutes=1)).outcome == "ok"  # four in the last 24 h
+    assert refresh_many(ids).outcomes == {"q-1": "quota", "q-2": "ok"}
+    assert len(unattended(sandbox)) == 5
