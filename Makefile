@@ -31,8 +31,11 @@ chaos: install
 	DROP_CHAOS_SCALE=$${DROP_CHAOS_SCALE:-10} DROP_CHAOS_LONG=1 DROP_CHAOS_FIGURES=.data/chaos-figures.jsonl \
 		$(BIN)/python -m pytest tests/chaos -q -s -p no:cacheprovider
 
+# Not part of `make test`: ~10 minutes on 2 cores. BENCH_ARGS=--quick for a fast pass,
+# BENCH_ARGS="--soak-jobs 500000" for the long soak.
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench report $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache

@@ -157,14 +157,14 @@ class Sandboxed:
         return proc
 
     def start_drop_pool(self, queues: list[str], modules: tuple[str, ...] = (), *,
-                        processes: int = PROCESSES, threads: int = THREADS) -> subprocess.Popen:
+                        processes: int = PROCESSES, threads: int = THREADS, **extra_env: str) -> subprocess.Popen:
         """drop-worker's pool exactly as the Procfile runs it (dramatiq CLI, our middleware, relay fork)."""
         from worker.pool import dramatiq_command, metrics_env
 
         os.environ["DROP_WORKER_METRICS_PORT"] = "0"
         argv = dramatiq_command(["--processes", str(processes), "--threads", str(threads), "--queues", *queues])
         argv[4:4] = modules  # extra modules go right after the broker module ("jobs")
-        return self.start(argv, "drop-pool", **metrics_env())
+        return self.start(argv, "drop-pool", **metrics_env(), **extra_env)
 
     def log_tail(self, log_name: str, chars: int = 3000) -> str:
         path = self.data_dir / f"{log_name}.log"
@@ -219,10 +219,11 @@ def worker_pids(leader: int, *, exclude_leader: bool = True) -> list[int]:
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
             cmd = " ".join(proc.cmdline())
-            # The relay fork runs the same command line but with one or two threads.
-            if ("dramatiq" in cmd or "celery" in cmd) and proc.num_threads() > 4:
-                pids.append(pid)
-    return pids
+            if "dramatiq" in cmd or "celery" in cmd:
+                pids.append((proc.num_threads(), pid))
+    # Forks beside the workers (the outbox relay, Prometheus' exposition server) run the same
+    # command line with a few threads; worker processes have at least --threads of them.
+    return [pid for threads, pid in pids if threads > THREADS]
 
 
 @dataclass

@@ -186,13 +186,13 @@ def run_noop_drop(n: int, timeout_s: float = 240) -> dict[str, Any]:
 
 def run_kyc_drop(n: int, timeout_s: float = 300, *, profile_s: float = 0, before: bool = False) -> dict[str, Any]:
     """Point 2: N signed webhooks, preloaded as relayed messages, run by drop-worker's pool.
-    `before=True` loads bench.kyc_unpipelined: the job as it was before the point-8 change."""
+    `before=True` loads bench.crashguard_before: the middleware as it was before the point-8 change."""
     with Sandboxed("kyc") as sb:
         seed_users(sb, n)
         rows = insert_outbox(sb, 0, n, n, relayed=True)
         preload_drop(rows)
         procs0 = _process_cpu()
-        pool = sb.start_drop_pool(["kyc"], ("bench.kyc_unpipelined",) if before else ())
+        pool = sb.start_drop_pool(["kyc"], ("bench.crashguard_before",) if before else ())
         profile: dict[str, Any] = {}
         if profile_s:
             # Attach once the workers are busy; one worker process is representative.

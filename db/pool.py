@@ -58,22 +58,10 @@ def close_pool() -> None:
 
 
 @contextmanager
-def transaction(*, pipeline: bool = False) -> Iterator[psycopg.Connection]:
-    """A pooled connection inside one transaction (commit on success, rollback on error).
-
-    `pipeline=True` runs the transaction in libpq pipeline mode: statements whose results are
-    not read are sent without waiting, and BEGIN/COMMIT travel with their neighbours, so a job
-    pays one round trip per result it reads instead of one per statement (KYC: 10 → 5, see
-    docs/benchmarks.md). Errors still roll the whole transaction back; they surface at the
-    next read or at the end of the block instead of at the statement.
-    """
-    with get_pool().connection() as conn:
-        if pipeline:
-            with conn.pipeline(), conn.transaction():
-                yield conn
-        else:
-            with conn.transaction():
-                yield conn
+def transaction() -> Iterator[psycopg.Connection]:
+    """A pooled connection inside one transaction (commit on success, rollback on error)."""
+    with get_pool().connection() as conn, conn.transaction():
+        yield conn
 
 
 def connect(**kwargs: object) -> psycopg.Connection:

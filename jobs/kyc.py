@@ -470,10 +470,7 @@ def process_webhook(body: object, headers: object, received_at: object = None) -
         WEBHOOKS.labels(outcome="malformed").inc()
         raise
     try:
-        # Pipeline mode: the writes after the last read (screening result, notification, audit,
-        # outbox row) and COMMIT go out together: the top cost of this job was waiting on
-        # PostgreSQL round trips (docs/benchmarks.md, "Profile").
-        with transaction(pipeline=True) as conn:
+        with transaction() as conn:
             outcome = apply_event(conn, event, decision)
             mark_outbox_done(conn)
     except UnknownApplicant:

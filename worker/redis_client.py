@@ -21,6 +21,9 @@ _client_pid: int | None = None
 def get_redis() -> redis.Redis:
     """A process-wide client (thread-safe connection pool, rebuilt after fork)."""
     global _client, _client_pid
+    client = _client
+    if client is not None and _client_pid == os.getpid():
+        return client  # the common case, without the lock every middleware call contended on
     with _lock:
         if _client is None or _client_pid != os.getpid():
             settings = get_settings()
