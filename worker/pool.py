@@ -50,11 +50,21 @@ def metrics_env() -> dict[str, str]:
     }
 
 
+def _stop_with_parent() -> None:
+    """In the child: get SIGTERM when this wrapper dies, even by SIGKILL, so the pool is never
+    orphaned (a second, unsupervised worker pool would keep consuming beside its replacement)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     proc = subprocess.Popen(
         dramatiq_command(list(sys.argv[1:] if argv is None else argv)),
         env={**os.environ, **metrics_env()},
         start_new_session=True,
+        preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
     )
     signalled = False
 
