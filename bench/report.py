@@ -205,9 +205,11 @@ def table(results: dict[str, Any]) -> tuple[list[tuple[str, str, str, str]], dic
          f"{soak.get('rss_end_mib')} MiB ({soak.get('processes')} processes); slope "
          f"{soak.get('slope_kib_per_100k_jobs')} KiB per 100k jobs",
          "flat" + ("" if (soak.get("done") or 0) >= 500_000 else f" (only {soak.get('done')} jobs: short of 500k)")),
-        ("8. point-8 change (KYC transaction pipelined)", f"after / before = {ours / before:.2f}",
+        ("8. point-8 change (CrashGuard: one Lua command; lock-free get_redis)",
+         f"after / before = {ours / before:.2f}",
          f"{ours:,.0f} vs {before:,.0f} jobs/s (runs: {_get(results, 'before', 'per_s'):,.0f}, "
-         f"{_get(results, 'before2', 'per_s'):,.0f} before)", "—"),
+         f"{_get(results, 'before2', 'per_s'):,.0f} before); worker CPU {cpu.get('workers', 0):.2f} vs "
+         f"{results.get('before', {}).get('cpu_ms_per_job', {}).get('workers', 0):.2f} ms/job", "—"),
     ]
     return rows, h
 
@@ -282,7 +284,7 @@ def markdown(results: dict[str, Any]) -> str:
     out += ["", "![benchmarks](benchmarks.png)", ""]
     prof = results.get("profile", {}).get("profile", {})
     if prof.get("buckets"):
-        out += ["Profile of one KYC worker process (py-spy, wall clock of its worker threads, after the change):", "",
+        out += ["Profile of one KYC worker process (py-spy `--gil`: where its CPU goes; after the change):", "",
                 "| where | share of samples |", "|---|---|"]
         out += [f"| {name} | {pct} % |" for name, pct in prof["buckets"]]
         out += ["", "Top frames (inclusive):", ""]
