@@ -42,6 +42,28 @@ def in_flight_outbox_ids(namespace: str) -> set[int]:
     return ids
 
 
+def held_messages(namespace: str) -> set[tuple[str, str]]:
+    """(ack set, Redis message id) of every message a worker holds unacked right now."""
+    client = redis.Redis.from_url(BASE_REDIS_URL, decode_responses=True)
+    try:
+        return {(key, mid) for key in client.scan_iter(match=f"{namespace}-dramatiq:__acks__.*", count=1000)
+                for mid in client.smembers(key)}
+    finally:
+        client.close()
+
+
+def still_held(pairs: set[tuple[str, str]]) -> int:
+    """How many of those are still in the ack set they were in (not requeued, not acked)."""
+    client = redis.Redis.from_url(BASE_REDIS_URL)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for key, mid in pairs:
+            pipe.sismember(key, mid)
+        return sum(1 for held in pipe.execute() if held)
+    finally:
+        client.close()
+
+
 def not_done(sql, ids: set[int]) -> int:
     if not ids:
         return 0
@@ -63,23 +85,31 @@ def test_sigkill_at_random_moments_every_effect_exactly_once(db, sql, sandbox, p
     started = time.monotonic()
     workers = [procs.worker(threads=4), procs.worker(threads=4)]
     redelivery: list[float] = []
+    effect: list[float] = []
     held: list[int] = []
-    pending: list[tuple[float, set[int]]] = []
+    pending: list[tuple[float, set[int], set[tuple[str, str]]]] = []
     for _ in range(kills):
         # A random moment while work is in flight (something unacked in a worker).
         time.sleep(rng.uniform(1.5, 4.0))
         wait_for(lambda: in_flight_outbox_ids(redis_namespace), timeout=60, interval=0.01, what="work in flight")
         victim = rng.randrange(len(workers))
         snapshot = in_flight_outbox_ids(redis_namespace)
+        acks = held_messages(redis_namespace)
         procs.kill(workers[victim], signal.SIGKILL)
-        pending.append((time.monotonic(), snapshot))
+        pending.append((time.monotonic(), snapshot, acks))
         held.append(len(snapshot))
         workers[victim] = procs.worker(threads=4)  # the process manager restarts it
-    # Redelivery time of each kill: until every message unacked at that moment has its effect.
-    while pending:
-        wait_for(lambda: not_done(sql, pending[0][1]) == 0, timeout=60, interval=0.1,
-                 what=f"the {len(pending[0][1])} messages unacked when worker {len(redelivery) + 1} was killed")
-        redelivery.append(time.monotonic() - pending.pop(0)[0])
+    # Redelivery of each kill: until every message held unacked at that moment is back in circulation
+    # (requeued by the maintenance pass, or acked by a live worker). With a large backlog the effect
+    # lands later — requeued messages go to the back of the queue — so that is reported separately.
+    for killed_at, _, acks in pending:
+        wait_for(lambda acks=acks: still_held(acks) == 0, timeout=60, interval=0.1,
+                 what=f"the {len(acks)} messages held when worker {len(redelivery) + 1} was killed to be requeued")
+        redelivery.append(time.monotonic() - killed_at)
+    for killed_at, ids, _ in pending:
+        wait_for(lambda ids=ids: not_done(sql, ids) == 0, timeout=120 * min(scaled(1), 5), interval=0.1,
+                 what=f"the {len(ids)} messages unacked at kill {len(effect) + 1} to have their effect")
+        effect.append(time.monotonic() - killed_at)
     wait_for(lambda: done(sql) == w.jobs, timeout=120 * min(scaled(1), 5), interval=0.2, what="every job done")
     elapsed = time.monotonic() - started
     for proc in workers:
@@ -91,6 +121,7 @@ def test_sigkill_at_random_moments_every_effect_exactly_once(db, sql, sandbox, p
     figure("sigkill", jobs=w.jobs, kyc=len(w.users), resends=w.resends, payments=len(w.payments),
            accounts=len(w.accounts), kills=kills, held_by_killed_worker=held,
            redelivery_s=[round(r, 1) for r in redelivery], max_redelivery_s=round(max(redelivery), 1),
+           effect_after_kill_s=[round(e, 1) for e in effect],
            status_requests=c["status_requests"], balance_requests=c["balance_requests"],
            aisp_ledger=c["aisp_ledger"], total_s=round(elapsed, 1))
     assert max(redelivery) <= 30, redelivery
