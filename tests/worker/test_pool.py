@@ -37,27 +37,27 @@ def dramatiq_tree(wrapper: psutil.Process) -> list[psutil.Process]:
     return [p for p in wrapper.children(recursive=True) if "dramatiq" in " ".join(p.cmdline())]
 
 
-def test_sigterm_stops_the_whole_pool_gracefully(db, redis_namespace, tmp_path):
-    proc = start_pool(db, redis_namespace, tmp_path)
+def start_pool_and_wait(db_url: str, namespace: str, tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """Start the pool and wait until the Dramatiq master, its worker and its forks are up."""
+    proc = start_pool(db_url, namespace, tmp_path)
     wrapper = psutil.Process(proc.pid)
     tree = wait_for(
         lambda: len(dramatiq_tree(wrapper)) >= 3 and dramatiq_tree(wrapper),
         timeout=60,
         what="dramatiq master, worker and forks",
     )
+    return proc, tree
+
+
+def test_sigterm_stops_the_whole_pool_gracefully(db, redis_namespace, tmp_path):
+    proc, tree = start_pool_and_wait(db, redis_namespace, tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=45) == 0
     assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_a_killed_wrapper_never_leaves_an_orphaned_pool(db, redis_namespace, tmp_path):
-    proc = start_pool(db, redis_namespace, tmp_path)
-    wrapper = psutil.Process(proc.pid)
-    tree = wait_for(
-        lambda: len(dramatiq_tree(wrapper)) >= 3 and dramatiq_tree(wrapper),
-        timeout=60,
-        what="dramatiq master, worker and forks",
-    )
+    proc, tree = start_pool_and_wait(db, redis_namespace, tmp_path)
     os.kill(proc.pid, signal.SIGKILL)  # e.g. the process manager's kill timeout
     proc.wait()
     deadline = time.monotonic() + 45
