@@ -5,7 +5,8 @@ what runs in production is what is read here:
 
 - AgeLimit / TimeLimit: a job older than its actor's `max_age` is dropped to the dead letters;
   a job running longer than `time_limit` (default 120 s) is interrupted.
-- ShutdownNotifications: SIGTERM interrupts long jobs so they are requeued, not lost.
+- ShutdownNotifications: on SIGTERM running jobs finish (notify_shutdown off: an interrupted job
+  would have read the provider without committing); actors may opt in to interruption.
 - Callbacks, Pipelines: Dramatiq's composition features.
 - Retries: the seed's policy (worker.retry): transient errors only, 1 s/2 s/4 s + jitter, 3 times.
 - AsyncIO: `async def` actors share one event loop per worker process (I/O-bound jobs).
@@ -75,7 +76,9 @@ def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> R
         AgeLimit(),
         CrashGuard(),  # a message that keeps killing its worker ends in the dead letters
         TimeLimit(time_limit=DEFAULT_TIME_LIMIT_MS),
-        ShutdownNotifications(notify_shutdown=True),
+        # On SIGTERM, running jobs finish (within the pool's 30 s shutdown timeout) rather than being
+        # interrupted after their provider call and before their commit; unstarted ones are requeued.
+        ShutdownNotifications(notify_shutdown=False),
         Callbacks(),
         Pipelines(),
         # Dramatiq runs `after_*` hooks in reverse order: DeadLetters, listed before Retries,
