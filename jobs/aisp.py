@@ -42,6 +42,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from jobs import aisp_rules as rules
+from jobs.context import note_outbox_done
 from worker.providers.errors import (
     AccessExceededError,
     AuthenticationError,
@@ -56,7 +57,6 @@ from worker.providers.errors import (
     ServerError,
     UnexpectedStatusError,
 )
-from jobs.context import note_outbox_done
 from worker.providers.neonomics import get_async_neonomics
 from worker.retry import FIRST_BACKOFF_MS, PermanentError, is_transient
 
