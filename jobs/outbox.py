@@ -18,11 +18,16 @@ kind to deploy or monitor, and SKIP LOCKED lets any number run side by side.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import dramatiq
 import psycopg
@@ -34,8 +39,13 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
 POLL_INTERVAL_S = 2.0
+# Payload bytes one batch may hold in the relay's memory (rows are at most 2 MiB each, a CHECK
+# on job_outbox); a batch of large rows is cut here and the rest go in the next pass.
+BATCH_BYTE_BUDGET = 16 * 1024 * 1024
 # A message relayed this long ago whose job never finished is presumed lost with Redis.
 REDELIVER_AFTER = timedelta(minutes=10)
+# Set by worker.pool: the file the relay fork beats into, watched by the pool wrapper.
+RELAY_HEARTBEAT_FILE_ENV = "DROP_RELAY_HEARTBEAT_FILE"
 _REQUEST_ID_NS = uuid.UUID("5d1f6c1e-2a7b-4d8e-9c43-6f0b1d2e3a45")
 
 
@@ -43,6 +53,23 @@ _REQUEST_ID_NS = uuid.UUID("5d1f6c1e-2a7b-4d8e-9c43-6f0b1d2e3a45")
 class RelayResult:
     sent: int
     rejected: int
+    more: bool = False  # the batch was cut by its row limit or byte budget: rows may still be due
+
+
+def decode_payload(text: str) -> tuple[object | None, str | None]:
+    """The row's payload as Python, or a reason it cannot be one.
+
+    PostgreSQL's jsonb accepts what Python's json cannot turn back into objects (nesting
+    deeper than the interpreter's recursion limit, integers of more than 4,300 digits): the
+    payload arrives as text and is decoded here, per row, so one such row is closed with a
+    reason instead of stopping the relay for every other row.
+    """
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "payload is nested too deeply to decode"
+    except ValueError as error:  # includes the int-digits limit and invalid JSON
+        return None, f"payload cannot be decoded ({type(error).__name__})"
 
 
 def _message_for(broker: dramatiq.Broker, row: dict) -> tuple[dramatiq.Message | None, str | None]:
@@ -50,15 +77,26 @@ def _message_for(broker: dramatiq.Broker, row: dict) -> tuple[dramatiq.Message |
         actor = broker.get_actor(row["job"])
     except dramatiq.errors.ActorNotFound:
         return None, f"unknown job {row['job']!r}"
-    if not isinstance(row["payload"], dict):
+    payload, problem = decode_payload(row["payload_text"])
+    if problem is not None:
+        return None, problem
+    if not isinstance(payload, dict):
         return None, "payload is not a JSON object"
     message = actor.message_with_options(
-        kwargs=row["payload"],
+        kwargs=payload,
         outbox_id=row["id"],
         # Deterministic, so a re-relayed job keeps its request id across provider calls.
         request_id=str(uuid.uuid5(_REQUEST_ID_NS, row["idempotency_key"])),
     )
     return message, None
+
+
+def _message_or_reason(broker: dramatiq.Broker, row: dict) -> tuple[dramatiq.Message | None, str | None]:
+    """`_message_for`, and whatever else one row can raise becomes that row's reason."""
+    try:
+        return _message_for(broker, row)
+    except Exception as error:
+        return None, f"row cannot become a message ({type(error).__name__})"
 
 
 def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message]) -> None:
@@ -96,12 +134,28 @@ def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message]) -> N
         broker.emit_after("enqueue", message, None)
 
 
-def relay_once(limit: int = BATCH_SIZE, *, redeliver_after: timedelta = REDELIVER_AFTER) -> RelayResult:
-    """Relay up to `limit` due rows; return how many were sent and rejected."""
+def within_budget(sizes: list[tuple[int, int]], budget: int) -> list[int]:
+    """The ids (in order) whose payload bytes fit in `budget`; always at least the first, so a
+    row at the size limit still moves when the budget is smaller than it."""
+    chosen: list[int] = []
+    used = 0
+    for row_id, size in sizes:
+        if chosen and used + size > budget:
+            break
+        chosen.append(row_id)
+        used += size
+    return chosen
+
+
+def relay_once(limit: int = BATCH_SIZE, *, redeliver_after: timedelta = REDELIVER_AFTER,
+               byte_budget: int = BATCH_BYTE_BUDGET) -> RelayResult:
+    """Relay up to `limit` due rows (and at most `byte_budget` payload bytes); return the counts."""
     broker = dramatiq.get_broker()
     with transaction() as conn:
-        rows = conn.execute(
-            """SELECT id, job, payload, idempotency_key
+        # Sizes first, payloads second: the payloads of a batch never exceed the byte budget in
+        # the relay's memory, however large the rows that are due.
+        sizes = conn.execute(
+            """SELECT id, octet_length(payload::text) AS size
                  FROM job_outbox
                 WHERE done_at IS NULL AND error IS NULL AND available_at <= now()
                   AND (relayed_at IS NULL OR relayed_at < now() - %s)
@@ -110,16 +164,23 @@ def relay_once(limit: int = BATCH_SIZE, *, redeliver_after: timedelta = REDELIVE
                 FOR UPDATE SKIP LOCKED""",
             (redeliver_after, limit),
         ).fetchall()
+        chosen = within_budget([(r["id"], r["size"]) for r in sizes], byte_budget)
+        rows = conn.execute(
+            """SELECT id, job, payload::text AS payload_text, idempotency_key
+                 FROM job_outbox WHERE id = ANY(%s) ORDER BY id""",
+            (chosen,),
+        ).fetchall() if chosen else []
         sent: list[int] = []
         messages: list[dramatiq.Message] = []
         rejected: list[tuple[str, int]] = []
         for row in rows:
-            message, problem = _message_for(broker, row)
+            message, problem = _message_or_reason(broker, row)
             if message is None:
                 rejected.append((problem or "invalid", row["id"]))
                 continue
             messages.append(message)
             sent.append(row["id"])
+        del rows
         enqueue_many(broker, messages)
         if sent:
             conn.execute(
@@ -137,11 +198,12 @@ def relay_once(limit: int = BATCH_SIZE, *, redeliver_after: timedelta = REDELIVE
             "high",
             "Outbox rows rejected",
             f"{len(rejected)} outbox row(s) could not become a job ({rejected[0][0]}, …): the caller sent "
-            "an unknown job name or a payload that is not a JSON object. See job_outbox.error.",
+            "an unknown job name, a payload that is not a JSON object or one that cannot be decoded. "
+            "See job_outbox.error.",
             key="outbox-rejected",
             runbook="outbox-rows-rejected",
         )
-    return RelayResult(sent=len(sent), rejected=len(rejected))
+    return RelayResult(sent=len(sent), rejected=len(rejected), more=len(sizes) >= limit or len(chosen) < len(sizes))
 
 
 def check_broker_epoch() -> int:
@@ -171,31 +233,73 @@ def check_broker_epoch() -> int:
     return reopened
 
 
-def drain(limit: int = BATCH_SIZE) -> int:
+def drain(limit: int = BATCH_SIZE, *, heartbeat_file: Path | None = None) -> int:
     """Relay until nothing is due; return the number sent."""
     total = 0
     while True:
+        if heartbeat_file is not None:
+            beat(heartbeat_file)  # a long backlog is progress, not a stuck relay
         result = relay_once(limit)
         total += result.sent
-        if result.sent + result.rejected < limit:
+        if not result.more:
             return total
 
 
-def run_relay(stop_after: float | None = None) -> None:
-    """Relay forever: wake on NOTIFY job_outbox, and poll every POLL_INTERVAL_S regardless."""
+RELAY_HEARTBEAT_TTL_S = 30
+
+
+def relay_heartbeats_key() -> str:
+    from worker.redis_client import key
+
+    return key("relay", "heartbeats")
+
+
+def beat(heartbeat_file: Path | None) -> None:
+    """Say "this relay's loop is alive": a file for the pool wrapper beside it (which takes the
+    pool down when the beat stops, so the process manager restarts it) and a Redis entry for
+    `/v1/health`. Neither failing may stop the relay; Redis may be the thing that is down."""
+    if heartbeat_file is not None:
+        with contextlib.suppress(OSError):
+            heartbeat_file.write_text(str(os.getpid()))
+    with contextlib.suppress(Exception):
+        from worker.redis_client import get_redis
+
+        now = time.time()
+        client = get_redis()
+        pipe = client.pipeline(transaction=False)
+        pipe.zadd(relay_heartbeats_key(), {f"{socket.gethostname()}:{os.getpid()}": now})
+        pipe.zremrangebyscore(relay_heartbeats_key(), "-inf", now - 10 * RELAY_HEARTBEAT_TTL_S)
+        pipe.execute()
+
+
+def relays_alive(within_s: float = RELAY_HEARTBEAT_TTL_S) -> int:
+    """How many relays beat within the last `within_s` seconds (any host)."""
+    from worker.redis_client import get_redis
+
+    return int(get_redis().zcount(relay_heartbeats_key(), time.time() - within_s, "+inf"))
+
+
+def run_relay(stop_after: float | None = None, *, heartbeat_file: Path | None = None) -> None:
+    """Relay forever: wake on NOTIFY job_outbox, and poll every POLL_INTERVAL_S regardless.
+
+    Nothing a row, PostgreSQL or Redis does ends this loop: rows that cannot be relayed are
+    closed with a reason inside `relay_once`, and any other exception pauses the loop (with a
+    growing back-off) and starts it again."""
     from worker.redelivery import MaintenanceTimer
 
     deadline = None if stop_after is None else time.monotonic() + stop_after
     maintenance = MaintenanceTimer(dramatiq.get_broker())
     failures = 0
     while deadline is None or time.monotonic() < deadline:
+        beat(heartbeat_file)
         try:
             with connect(autocommit=True) as listener:
                 listener.execute("LISTEN job_outbox")
                 failures = 0
                 while deadline is None or time.monotonic() < deadline:
+                    beat(heartbeat_file)
                     check_broker_epoch()
-                    drain()
+                    drain(heartbeat_file=heartbeat_file)
                     maintenance.tick()
                     # Any notification (or the timeout) starts the next pass.
                     for _ in listener.notifies(timeout=POLL_INTERVAL_S, stop_after=1):
@@ -205,7 +309,21 @@ def run_relay(stop_after: float | None = None) -> None:
             failures += 1
             wait = min(2**failures, 30)
             log.warning("outbox relay paused (%s); retrying in %s s", type(error).__name__, wait)
-            time.sleep(wait)
+            _pause(wait, heartbeat_file)
+        except Exception as error:
+            # A bug or an input nobody foresaw: the type only (the text may carry payload values).
+            failures += 1
+            wait = min(2**failures, 30)
+            log.error("outbox relay pass failed (%s); retrying in %s s", type(error).__name__, wait)
+            _pause(wait, heartbeat_file)
+
+
+def _pause(seconds: float, heartbeat_file: Path | None) -> None:
+    """Sleep while still beating: a relay waiting out an outage is alive, not stuck."""
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        time.sleep(min(left, POLL_INTERVAL_S))
+        beat(heartbeat_file)
 
 
 def run_relay_fork() -> int:
@@ -229,5 +347,6 @@ def run_relay_fork() -> int:
 
     setup_logging()
     log.info("outbox relay started")
-    run_relay()
+    heartbeat = os.environ.get(RELAY_HEARTBEAT_FILE_ENV)
+    run_relay(heartbeat_file=Path(heartbeat) if heartbeat else None)
     return 0

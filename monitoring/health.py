@@ -1,4 +1,4 @@
-"""`GET /v1/health` checks: PostgreSQL, Redis, scheduler heartbeat, workers alive.
+"""`GET /v1/health` checks: PostgreSQL, Redis, scheduler heartbeat, workers alive, outbox relay alive.
 
 Each check runs with its own deadline so the endpoint answers within about a second even when
 a dependency hangs; a check that times out fails with reason "timeout".
@@ -16,13 +16,32 @@ from typing import Any
 CHECK_TIMEOUT_S = 0.8
 
 
-def check_postgres() -> dict[str, Any]:
-    import psycopg
+_health_pool_lock = threading.Lock()
+_health_pool_for: tuple[str, Any] | None = None
 
+
+def _health_pool(url: str) -> Any:
+    """A pool of its own for the checks (not the jobs' pool, which may be what is exhausted):
+    a probe every few seconds, or a caller hammering `/v1/health`, reuses at most two
+    connections instead of opening one per request."""
+    from psycopg_pool import ConnectionPool
+
+    global _health_pool_for
+    with _health_pool_lock:
+        if _health_pool_for is not None and _health_pool_for[0] == url:
+            return _health_pool_for[1]
+        if _health_pool_for is not None:  # DATABASE_URL changed (tests): one pool at a time
+            _health_pool_for[1].close(timeout=0)
+        pool = ConnectionPool(url, min_size=0, max_size=2, timeout=1, open=True, name="drop-health",
+                              kwargs={"connect_timeout": 1}, check=ConnectionPool.check_connection)
+        _health_pool_for = (url, pool)
+        return pool
+
+
+def check_postgres() -> dict[str, Any]:
     from db.pool import database_url
 
-    # A fresh short connection: the pool may be exhausted or wedged, which is what we test.
-    with psycopg.connect(database_url(), connect_timeout=1) as conn:
+    with _health_pool(database_url()).connection() as conn:
         conn.execute("SET statement_timeout = 700")
         conn.execute("SELECT 1")
     return {"ok": True}
@@ -54,11 +73,22 @@ def check_workers() -> dict[str, Any]:
     return {"ok": True, "alive": alive}
 
 
+def check_relay() -> dict[str, Any]:
+    from jobs.outbox import RELAY_HEARTBEAT_TTL_S, relays_alive
+
+    alive = relays_alive()
+    if alive < 1:
+        return {"ok": False, "reason": f"no outbox relay heartbeat in the last {RELAY_HEARTBEAT_TTL_S} s",
+                "alive": 0}
+    return {"ok": True, "alive": alive}
+
+
 CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
     "postgres": check_postgres,
     "redis": check_redis,
     "scheduler": check_scheduler,
     "workers": check_workers,
+    "relay": check_relay,
 }
 
 

@@ -14,6 +14,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 # In-flight jobs get this long after SIGTERM; a provider call is bounded by 30 s.
 SHUTDOWN_TIMEOUT_MS = 30_000
@@ -59,10 +61,40 @@ def _stop_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+# The relay fork beats every few seconds (more often while it drains); Dramatiq's master does
+# not restart a fork that died, so this wrapper stops the pool when the beat has been silent
+# this long, and the process manager starts a new one.
+RELAY_SILENT_EXIT_CODE = 75  # EX_TEMPFAIL: a restart is the fix
+
+
+def relay_heartbeat_file() -> Path:
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    directory = settings.data_dir.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"relay-heartbeat-{os.getpid()}"
+
+
+def relay_silent_for(heartbeat: Path, started: float) -> float:
+    """Seconds since the relay last beat (since the start, before its first beat)."""
+    try:
+        last = max(heartbeat.stat().st_mtime, started)
+    except FileNotFoundError:
+        last = started
+    return time.time() - last
+
+
 def main(argv: list[str] | None = None) -> int:
+    from worker.settings import load_settings
+
+    silent_limit = load_settings().relay_silent_limit_s
+    heartbeat = relay_heartbeat_file()
+    heartbeat.unlink(missing_ok=True)
+    started = time.time()
     proc = subprocess.Popen(
         dramatiq_command(list(sys.argv[1:] if argv is None else argv)),
-        env={**os.environ, **metrics_env()},
+        env={**os.environ, **metrics_env(), "DROP_RELAY_HEARTBEAT_FILE": str(heartbeat)},
         start_new_session=True,
         preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
     )
@@ -76,7 +108,23 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    return proc.wait()
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            if not signalled and relay_silent_for(heartbeat, started) > silent_limit:
+                print(
+                    f"drop-worker: the outbox relay has not beaten for {silent_limit:.0f} s; "
+                    "stopping the pool so the process manager restarts it",
+                    file=sys.stderr, flush=True,
+                )
+                forward(signal.SIGTERM, None)
+                proc.wait()
+                return RELAY_SILENT_EXIT_CODE
+    finally:
+        heartbeat.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     worker_heartbeat_timeout_ms: int = Field(
         default=15_000, ge=1_000, le=600_000, validation_alias="DROP_WORKER_HEARTBEAT_TIMEOUT_MS"
     )
+    # The worker pool stops (for its process manager to restart it) when its outbox relay fork
+    # has not beaten for this long (worker.pool).
+    relay_silent_limit_s: float = Field(default=90.0, ge=3, le=3600, validation_alias="DROP_RELAY_SILENT_LIMIT_S")
     db_pool_max_size: int = Field(default=10, ge=1, le=200, validation_alias="DROP_DB_POOL_MAX_SIZE")
     log_level: str = Field(default="INFO", validation_alias="DROP_LOG_LEVEL")
 

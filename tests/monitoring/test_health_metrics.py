@@ -39,23 +39,27 @@ def heartbeat_scheduler() -> None:
 
 
 def test_health_ok_when_everything_is_fine(monitor, worker):
+    from jobs.outbox import beat
+
     heartbeat_scheduler()
+    beat(None)
     from tests.conftest import wait_for
 
     wait_for(lambda: get(f"{monitor}/v1/health")[0] == 200, timeout=10, what="healthy")
     status, body = get(f"{monitor}/v1/health")
     data = json.loads(body)
     assert status == 200 and data["status"] == "ok"
-    assert set(data["checks"]) == {"postgres", "redis", "scheduler", "workers"}
+    assert set(data["checks"]) == {"postgres", "redis", "scheduler", "workers", "relay"}
     assert data["checks"]["workers"]["alive"] >= 1
 
 
 def test_health_503_names_each_failing_check(monitor):
-    # No scheduler heartbeat and no worker running.
+    # No scheduler heartbeat, no worker and no outbox relay running.
     status, body = get(f"{monitor}/v1/health")
     data = json.loads(body)
     assert status == 503 and data["status"] == "fail"
-    assert data["failing"] == ["scheduler", "workers"]
+    assert data["failing"] == ["relay", "scheduler", "workers"]
+    assert "relay" in data["checks"]["relay"]["reason"]
     assert "heartbeat" in data["checks"]["scheduler"]["reason"]
 
 
