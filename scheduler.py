@@ -109,7 +109,8 @@ def slots_between(trigger: CronTrigger, after: datetime, until: datetime, *, lim
 
 
 def slot_key(job: str, slot: datetime) -> str:
-    return f"schedule:{job}:{slot.astimezone(OSLO).isoformat()}"
+    """The slot's outbox key, under the reserved prefix: no caller can take it (docs/enqueue.md)."""
+    return f"drop:schedule:{job}:{slot.astimezone(OSLO).isoformat()}"
 
 
 # --- the effects (PostgreSQL) ---------------------------------------------------------------
@@ -121,23 +122,22 @@ def fire(schedule: Schedule, slot: datetime, leader: str) -> bool:
     from db.pool import transaction
 
     with transaction() as conn:
+        # The job first, then the fire that names it: a recorded fire always enqueued something
+        # (a CHECK on scheduler_fires). A replica racing for the same slot waits on the outbox
+        # key, gets the same row back, and then loses the (job, slot) insert.
+        outbox_id, _ = jobs.enqueue_internal(
+            schedule.job,
+            {"slot": slot.astimezone(OSLO).isoformat()},
+            key=slot_key(schedule.job, slot),
+            conn=conn,
+        )
         taken = conn.execute(
-            """INSERT INTO scheduler_fires (job, slot, status, leader) VALUES (%s, %s, 'fired', %s)
+            """INSERT INTO scheduler_fires (job, slot, status, leader, outbox_id) VALUES (%s, %s, 'fired', %s, %s)
                ON CONFLICT (job, slot) DO NOTHING RETURNING job""",
-            (schedule.job, slot, leader),
+            (schedule.job, slot, leader, outbox_id),
         ).fetchone()
         if taken is None:
             return False
-        outbox_id = jobs.enqueue(
-            schedule.job,
-            {"slot": slot.astimezone(OSLO).isoformat()},
-            idempotency_key=slot_key(schedule.job, slot),
-            conn=conn,
-        )
-        conn.execute(
-            "UPDATE scheduler_fires SET outbox_id = %s WHERE job = %s AND slot = %s",
-            (outbox_id, schedule.job, slot),
-        )
     FIRE_AGE.labels(schedule.job).set(slot.timestamp())
     log.info("fired %s for slot %s", schedule.job, slot.isoformat())
     return True

@@ -41,6 +41,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from jobs import INTERNAL_PRODUCER_CTE
 from jobs import aisp_rules as rules
 from jobs.context import note_outbox_done
 from worker.providers.errors import (
@@ -267,10 +268,11 @@ async def _refused(row: dict[str, Any], bank_account_id: str, initiated_by: str,
         decision = rules.quota_decision([row["oldest_in_window"]], now, limit=1)
         retry_at = rules.retry_within_window(decision.retry_at, now)
         if retry_at is not None:
-            key = f"aisp:{bank_account_id}:retry:{retry_at.isoformat()}"
+            key = f"drop:aisp:{bank_account_id}:retry:{retry_at.isoformat()}"
             await _one(
-                """INSERT INTO job_outbox (job, payload, idempotency_key, available_at)
-                   VALUES (%s, %s, %s, %s) ON CONFLICT (idempotency_key) DO NOTHING""",
+                f"""WITH {INTERNAL_PRODUCER_CTE}
+                    INSERT INTO job_outbox (job, payload, idempotency_key, available_at)
+                    SELECT %s, %s, %s, %s FROM producer ON CONFLICT (idempotency_key) DO NOTHING""",
                 (REFRESH_ACCOUNT, Jsonb({"bank_account_id": bank_account_id, "initiated_by": "scheduler"}), key,
                  retry_at),
             )
@@ -427,9 +429,10 @@ UPDATE bank_accounts b
 
 # A read of a batch that should run again (transient error, breaker open): its own job, from
 # PostgreSQL, with the per-account key the fan-out used to use (so at most one per slot).
-_HAND_OFF = """
+_HAND_OFF = f"""
+WITH {INTERNAL_PRODUCER_CTE}
 INSERT INTO job_outbox (job, payload, idempotency_key, available_at)
-VALUES (%(job)s, %(payload)s, %(key)s, now() + make_interval(secs => %(delay_s)s))
+SELECT %(job)s, %(payload)s, %(key)s, now() + make_interval(secs => %(delay_s)s) FROM producer
 ON CONFLICT (idempotency_key) DO NOTHING
 """
 
@@ -525,7 +528,8 @@ async def _read_of_batch(client: Any, row: dict[str, Any], now: datetime, slot: 
 
 async def _hand_off(bank_account_id: str, slot: datetime, delay_s: float) -> None:
     slot_text = slot.astimezone(rules.OSLO).isoformat()
-    await _one(_HAND_OFF, {"job": REFRESH_ACCOUNT, "key": f"aisp:{bank_account_id}:{slot_text}", "delay_s": delay_s,
+    key = f"drop:aisp:{bank_account_id}:{slot_text}"
+    await _one(_HAND_OFF, {"job": REFRESH_ACCOUNT, "key": key, "delay_s": delay_s,
                            "payload": Jsonb({"bank_account_id": bank_account_id, "initiated_by": "scheduler",
                                              "slot": slot_text})})
 
@@ -562,7 +566,7 @@ OFFSET_SQL = "(('x' || substr(md5(id), 1, 15))::bit(60)::bigint %% %(spread)s)"
 # One chunk of accounts (keyset, id order) → one outbox row per (offset second, up to BATCH_SIZE
 # accounts): `aisp.refresh_batch {bank_account_ids, slot}`, available at slot + that offset.
 _FANOUT = f"""
-WITH batch AS (
+WITH {INTERNAL_PRODUCER_CTE}, batch AS (
     SELECT id FROM bank_accounts
      WHERE consent_status = 'valid' AND needs_relink = false AND consent_id IS NOT NULL
        AND (aisp_paused_until IS NULL OR aisp_paused_until <= %(slot_ts)s)
@@ -577,9 +581,9 @@ WITH batch AS (
     INSERT INTO job_outbox (job, payload, idempotency_key, available_at)
     SELECT %(job)s,
            jsonb_build_object('bank_account_ids', jsonb_agg(id ORDER BY id), 'slot', %(slot)s::text),
-           'aisp:batch:' || %(slot)s::text || ':' || off || ':' || min(id),
+           'drop:aisp:batch:' || %(slot)s::text || ':' || off || ':' || min(id),
            %(slot_ts)s + make_interval(secs => off)
-      FROM grouped
+      FROM grouped, producer
      GROUP BY off, part
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING jsonb_array_length(payload->'bank_account_ids') AS n

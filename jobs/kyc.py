@@ -426,11 +426,11 @@ def apply_event(conn: psycopg.Connection, event: Event, decision: Decision) -> s
         conn.execute("INSERT INTO notifications (user_id, kind, message) VALUES (%s, %s, %s)",
                      (user["id"], kind, message))
     if decision.aml_check:
-        from jobs import enqueue
+        from jobs import enqueue_internal
 
-        enqueue("kyc.aml_check", {"applicant_id": event.applicant_id, "user_id": user["id"],
-                                  "event_id": event.event_id},
-                idempotency_key=f"kyc.aml_check:{event.event_id}", conn=conn)
+        enqueue_internal("kyc.aml_check", {"applicant_id": event.applicant_id, "user_id": user["id"],
+                                           "event_id": event.event_id},
+                         key=f"kyc.aml_check:{event.event_id}", conn=conn)
     _audit(conn, user["id"], decision.action,
            {**details, "from": user["kyc_status"], "to": decision.new_status,
             "aml_check": decision.aml_check, "compliance": list(decision.compliance)})

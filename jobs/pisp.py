@@ -200,15 +200,15 @@ def redebit_balance(conn: psycopg.Connection, row: dict[str, Any], now: datetime
 
 
 def poll_key(transaction_id: str, due: datetime) -> str:
-    return f"{POLL_JOB}:{transaction_id}:due:{due.isoformat()}"
+    return f"drop:{POLL_JOB}:{transaction_id}:due:{due.isoformat()}"
 
 
 def schedule_poll(conn: psycopg.Connection, transaction_id: str, due: datetime) -> None:
     """The outbox row of the poll due at `due` (deduplicated on transaction + due time)."""
     import jobs
 
-    jobs.enqueue(POLL_JOB, {"transaction_id": transaction_id, "due": due.isoformat()},
-                 idempotency_key=poll_key(transaction_id, due), conn=conn, available_at=due)
+    jobs.enqueue_internal(POLL_JOB, {"transaction_id": transaction_id, "due": due.isoformat()},
+                          key=poll_key(transaction_id, due), conn=conn, available_at=due)
 
 
 @dataclass
@@ -498,8 +498,8 @@ def sweep(now: datetime | None = None, *, slot: str | None = None, limit: int = 
         ).fetchall()
         for row in rows:
             due = row["next_poll_at"].isoformat() if row["next_poll_at"] else rules.UNSCHEDULED
-            if jobs.enqueue(POLL_JOB, {"transaction_id": row["id"], "due": due},
-                            idempotency_key=f"{POLL_JOB}:{row['id']}:sweep:{tag}", conn=conn) is not None:
+            if jobs.enqueue_internal(POLL_JOB, {"transaction_id": row["id"], "due": due},
+                                     key=f"{POLL_JOB}:{row['id']}:sweep:{tag}", conn=conn)[1]:
                 enqueued += 1
         mark_outbox_done(conn)
     if enqueued:

@@ -59,7 +59,7 @@ def test_a_slot_is_enqueued_once_however_many_fire_it(db, sql):
     assert rows == [
         {
             "job": "housekeeping.prune",
-            "idempotency_key": "schedule:housekeeping.prune:2026-11-21T06:15:00+01:00",
+            "idempotency_key": "drop:schedule:housekeeping.prune:2026-11-21T06:15:00+01:00",
             "payload": {"slot": "2026-11-21T06:15:00+01:00"},
         }
     ]

@@ -57,7 +57,7 @@ def test_standby_takes_over_after_the_leader_is_killed(db, sql, redis_namespace,
         # Every fire was made by one replica at a time: one row per (job, slot), by construction
         # (primary key), and each has exactly one outbox row with the slot's key.
         fires = sql("SELECT job, slot, outbox_id FROM scheduler_fires WHERE status = 'fired'")
-        keys = sql("SELECT idempotency_key FROM job_outbox WHERE idempotency_key LIKE 'schedule:%%'")
+        keys = sql("SELECT idempotency_key FROM job_outbox WHERE idempotency_key LIKE 'drop:schedule:%%'")
         assert len(fires) == len(keys) >= 1
     finally:
         for proc in (first, second):

@@ -342,7 +342,8 @@ def test_fan_out_one_read_per_valid_consent_account_spread_by_a_stable_offset(db
         assert r["job"] == "aisp.refresh_batch"
         assert r["payload"] == {"bank_account_ids": sorted(r["payload"]["bank_account_ids"]), "slot": slot_text}
         offset = (at - slot).total_seconds()
-        assert r["idempotency_key"] == f"aisp:batch:{slot_text}:{int(offset)}:{r['payload']['bank_account_ids'][0]}"
+        first = r["payload"]["bank_account_ids"][0]
+        assert r["idempotency_key"] == f"drop:aisp:batch:{slot_text}:{int(offset)}:{first}"
         assert offset == rules.stable_offset(acct, 3600)  # SQL and Python agree: each account its own second
         offsets.append(offset)
     buckets = Counter(int(o // 600) for o in offsets)  # six 10-minute buckets, 50 expected each
@@ -434,7 +435,7 @@ def test_a_transient_failure_in_a_batch_becomes_that_accounts_own_retry_job(db, 
     assert refresh_many(["ba-1"]).outcomes == {"ba-1": "server_error"}
     [job] = sql("SELECT job, payload, idempotency_key FROM job_outbox")
     slot_text = SLOT.astimezone(rules.OSLO).isoformat()
-    assert job == {"job": "aisp.refresh_account", "idempotency_key": f"aisp:ba-1:{slot_text}",
+    assert job == {"job": "aisp.refresh_account", "idempotency_key": f"drop:aisp:ba-1:{slot_text}",
                    "payload": {"bank_account_id": "ba-1", "initiated_by": "scheduler", "slot": slot_text}}
     assert account(sql)["balance"] == 5  # cached balance untouched; the retry reserves again
     assert [r["outcome"] for r in ledger(sql)] == ["server_error"]

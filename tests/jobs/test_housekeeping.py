@@ -16,9 +16,10 @@ def test_prune_keeps_what_is_still_needed(db, sql):
            ('m1', 'x', 'q', '{}', 'r', now() - interval '40 days', now() - interval '31 days'),
            ('m2', 'x', 'q', '{}', 'r', now() - interval '40 days', NULL),
            ('m3', 'x', 'q', '{}', 'r', now() - interval '91 days', NULL)""")
-    sql("""INSERT INTO scheduler_fires (job, slot, leader, fired_at) VALUES
-           ('j', now() - interval '31 days', 'a', now() - interval '31 days'),
-           ('j', now() - interval '1 day', 'a', now() - interval '1 day')""")
+    # A recorded fire names its outbox row (any id: the row itself may already be pruned).
+    sql("""INSERT INTO scheduler_fires (job, slot, leader, fired_at, outbox_id) VALUES
+           ('j', now() - interval '31 days', 'a', now() - interval '31 days', 1),
+           ('j', now() - interval '1 day', 'a', now() - interval '1 day', 2)""")
 
     counts = prune()
     assert counts == {

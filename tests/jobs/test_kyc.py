@@ -165,7 +165,7 @@ def test_every_row_of_the_action_table(sql, user, kind, status_after, result, no
     if aml:
         assert [(o["job"], o["payload"]["applicant_id"], o["payload"]["user_id"]) for o in outbox] == [
             ("kyc.aml_check", APPLICANT, USER)]
-        assert outbox[0]["idempotency_key"] == "kyc.aml_check:" + outbox[0]["payload"]["event_id"]
+        assert outbox[0]["idempotency_key"] == "drop:kyc.aml_check:" + outbox[0]["payload"]["event_id"]
     else:
         assert outbox == []
 

@@ -252,7 +252,7 @@ def test_sweep_rederives_polls_after_redis_is_flushed(db, sql, sandbox, broker):
     assert sweep(now, slot="2026-03-01T12:01:00+01:00") == 0  # the same slot again: deduplicated
     keys = sorted(r["idempotency_key"] for r in sql(
         "SELECT idempotency_key FROM job_outbox WHERE idempotency_key LIKE '%%:sweep:%%'"))
-    assert keys == sorted(f"pisp.poll_status:{p['id']}:sweep:2026-03-01T12:01:00+01:00" for p in payments)
+    assert keys == sorted(f"drop:pisp.poll_status:{p['id']}:sweep:2026-03-01T12:01:00+01:00" for p in payments)
     # A worker and relay come back: the swept polls complete the payments.
     from jobs.outbox import drain
 
