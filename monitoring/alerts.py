@@ -82,6 +82,17 @@ def runbook_link(runbook: str | None) -> str | None:
     return f"{get_settings().runbook_url}#{runbook}"
 
 
+MAX_TITLE_CHARS = 150
+
+
+def slack_escape(value: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A value for Slack mrkdwn: `&`, `<`, `>` escaped (Slack's own rule), so a job name or a
+    reason someone else wrote can never ping a channel (`<!channel>`), mention a user or show a
+    disguised link (`<https://…|click>`); cut to `limit` characters before escaping."""
+    value = value if len(value) <= limit else value[: limit - 1] + "…"
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def format_alert(
     severity: Severity,
     title: str,
@@ -92,8 +103,11 @@ def format_alert(
     environment: str = "development",
     source: str | None = None,
 ) -> dict[str, Any]:
-    """The Slack payload (seed 001 §5.5 layout): `text` for notifications, `blocks` for the channel."""
+    """The Slack payload: `text` for notifications, `blocks` for the channel. Every interpolated
+    value is escaped for mrkdwn here, the one place Slack text is built."""
     when = when or datetime.now(UTC)
+    title, message = slack_escape(title, MAX_TITLE_CHARS), slack_escape(message)
+    source = slack_escape(source, 200) if source else source
     label = "Resolved" if severity is Severity.RESOLVED else severity.value.capitalize()
     header = f"{EMOJI[severity]} Drop {environment.capitalize()} Alert — {label}"
     lines = [

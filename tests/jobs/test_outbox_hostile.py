@@ -97,3 +97,16 @@ def test_relay_batch_respects_its_byte_budget(db, sql, broker):
     assert (first.sent, first.more) == (2, True)  # 2 × 1.5 MiB fit in 4 MiB, the third would not
     assert drain() == 8
     assert sql("SELECT count(*) AS n FROM job_outbox WHERE relayed_at IS NOT NULL")[0]["n"] == 10
+
+
+def test_slack_injection_through_a_job_name_pings_nobody(db, sql, broker, slack):  # noqa: F811
+    evil = "<!channel> <https://evil.example|click> & " + "x" * 100
+    insert_raw(sql, evil, "{}", "evil-name")
+    drain()
+    payload = slack.wait(1)[0].json()
+    for text in (payload["text"], payload["blocks"][1]["text"]["text"]):
+        assert "<!channel>" not in text and "<https://evil.example" not in text
+        assert "&lt;!channel&gt; &lt;https://evil.example|click&gt; &amp;" in text
+        assert len(text) < 3000  # values are cut, the message stays within Slack's section limit
+    # The runbook link is still a real link: only values are escaped, not drop-worker's own layout.
+    assert "|outbox-rows-rejected>" in payload["blocks"][1]["text"]["text"] or "Runbook" in payload["text"]
