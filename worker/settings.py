@@ -7,10 +7,12 @@ validates and, on a problem, exits with one line naming the variable (never its 
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,6 +62,9 @@ class Settings(BaseSettings):
     redis_namespace: str = Field(default="drop", validation_alias="DROP_REDIS_NAMESPACE")
     data_dir: Path = Field(default=Path(".data"), validation_alias="DROP_DATA_DIR")
     monitor_host: str = Field(default="127.0.0.1", validation_alias="DROP_MONITOR_HOST")
+    # The monitor (and the metrics ports) bind loopback; a non-loopback DROP_MONITOR_HOST in
+    # production needs this explicit opening too (health and metrics are not for the internet).
+    monitor_expose: bool = Field(default=False, validation_alias="DROP_MONITOR_EXPOSE")
     monitor_port: int = Field(default=9300, ge=0, le=65535, validation_alias="DROP_MONITOR_PORT")
     worker_metrics_port: int = Field(default=9191, ge=0, le=65535, validation_alias="DROP_WORKER_METRICS_PORT")
     scheduler_metrics_port: int = Field(default=9192, ge=0, le=65535, validation_alias="DROP_SCHEDULER_METRICS_PORT")
@@ -115,7 +120,7 @@ class Settings(BaseSettings):
 
     @property
     def sumsub_webhook_secret(self) -> SecretStr | None:
-        """Key for `X-Payload-Digest`; falls back to SUMSUB_SECRET_KEY (DESIGN.md)."""
+        """Key for `X-Payload-Digest`; falls back to SUMSUB_SECRET_KEY outside production."""
         return self.sumsub_webhook_secret_raw or self.sumsub_secret_key
 
     def missing_for_production(self) -> list[str]:
@@ -129,6 +134,67 @@ class Settings(BaseSettings):
             "SLACK_WEBHOOK_URL": self.slack_webhook_url,
         }
         return [name for name in PRODUCTION_REQUIRED if not values[name]]
+
+
+# Shorter than this, a secret can be guessed or is a placeholder (`x`, `changeme`).
+MIN_SECRET_CHARS = 16
+SLACK_WEBHOOK_PREFIX = "https://hooks.slack.com/"
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def deployment_problems(settings: Settings) -> list[str]:
+    """What a staging or production process must not start with; each item names the variable,
+    never its value. Staging gets the check that costs nothing to satisfy there (real secrets;
+    its Slack and providers may be local stand-ins); production gets all of them."""
+    env = settings.drop_env
+    if env == "development":
+        return []
+    problems: list[str] = []
+    secrets = {
+        "NEONOMICS_CLIENT_SECRET": settings.neonomics_client_secret,
+        "SUMSUB_APP_TOKEN": settings.sumsub_app_token,
+        "SUMSUB_SECRET_KEY": settings.sumsub_secret_key,
+        "SUMSUB_WEBHOOK_SECRET": settings.sumsub_webhook_secret_raw,
+    }
+    for name, secret in secrets.items():
+        if secret is not None and len(secret.get_secret_value()) < MIN_SECRET_CHARS:
+            problems.append(f"{name} is shorter than {MIN_SECRET_CHARS} characters")
+    if env != "production":
+        return problems
+    slack = settings.slack_webhook_url.get_secret_value() if settings.slack_webhook_url else None
+    if slack is not None and not slack.startswith(SLACK_WEBHOOK_PREFIX):
+        problems.append(f"SLACK_WEBHOOK_URL must start with {SLACK_WEBHOOK_PREFIX}")
+    if settings.sumsub_webhook_secret_raw is None:
+        problems.append("SUMSUB_WEBHOOK_SECRET is required when DROP_ENV=production "
+                        "(no fallback to SUMSUB_SECRET_KEY)")
+    for name, url in (("NEONOMICS_API_URL", settings.neonomics_api_url), ("SUMSUB_API_URL", settings.sumsub_api_url)):
+        parts = urlsplit(url)
+        if parts.scheme != "https":
+            problems.append(f"{name} must be an https:// URL when DROP_ENV=production")
+        elif is_loopback(parts.hostname):
+            problems.append(f"{name} must not point at a loopback address when DROP_ENV=production")
+    if settings.redis_url:
+        redis = urlsplit(settings.redis_url)
+        if redis.scheme != "rediss" and not redis.password:
+            problems.append("REDIS_URL needs a password or TLS (rediss://) when DROP_ENV=production")
+    if settings.database_url:
+        sslmode = parse_qs(urlsplit(settings.database_url).query).get("sslmode", [""])[0]
+        if sslmode not in ("require", "verify-ca", "verify-full"):
+            problems.append("DATABASE_URL needs sslmode=require, verify-ca or verify-full when DROP_ENV=production")
+    if not is_loopback(settings.monitor_host) and not settings.monitor_expose:
+        problems.append("DROP_MONITOR_HOST is not a loopback address: set DROP_MONITOR_EXPOSE=true to open "
+                        "the monitor and metrics ports on purpose")
+    return problems
 
 
 def _describe(error: ValidationError) -> str:
@@ -149,6 +215,9 @@ def build_settings(**overrides: object) -> Settings:
         missing = settings.missing_for_production()
         if missing:
             raise ConfigurationError(f"{missing[0]} is required when DROP_ENV=production")
+    problems = deployment_problems(settings)
+    if problems:
+        raise ConfigurationError(problems[0])
     return settings
 
 

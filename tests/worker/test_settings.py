@@ -8,19 +8,21 @@ from worker.settings import PRODUCTION_REQUIRED, ConfigurationError, build_setti
 
 PROD_ENV = {
     "DROP_ENV": "production",
-    "DATABASE_URL": "postgresql://u@db/drop",
-    "REDIS_URL": "redis://cache:6379/0",
+    "DATABASE_URL": "postgresql://u@db/drop?sslmode=verify-full",
+    "REDIS_URL": "redis://:cache-password-1@cache:6379/0",
     "NEONOMICS_CLIENT_ID": "client",
     "NEONOMICS_CLIENT_SECRET": "neo-secret-value-123",
     "SUMSUB_APP_TOKEN": "sumsub-token-value-456",
     "SUMSUB_SECRET_KEY": "sumsub-secret-value-789",
-    "SLACK_WEBHOOK_URL": "https://hooks.slack.test/services/T/B/slack-secret-000",
+    "SUMSUB_WEBHOOK_SECRET": "sumsub-webhook-secret-321",
+    "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/slack-secret-000",
 }
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in [*PROD_ENV, "SUMSUB_WEBHOOK_SECRET", "SCA_TIMEOUT_SECONDS", "SENTRY_DSN"]:
+    for name in [*PROD_ENV, "SCA_TIMEOUT_SECONDS", "SENTRY_DSN", "NEONOMICS_API_URL", "SUMSUB_API_URL",
+                 "DROP_MONITOR_HOST", "DROP_MONITOR_EXPOSE"]:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -86,3 +88,58 @@ def test_process_stops_with_one_clear_line_and_no_secret():
     assert lines == ["drop-worker: configuration error: SUMSUB_SECRET_KEY is required when DROP_ENV=production"]
     for secret in ("neo-secret-value-123", "sumsub-token-value-456", "slack-secret-000"):
         assert secret not in proc.stdout + proc.stderr
+
+
+# Weak production settings: each refused with one line naming the variable, never the value.
+WEAK_PRODUCTION = [
+    ("NEONOMICS_API_URL", "http://sandbox.internal:8700", "https://"),
+    ("SUMSUB_API_URL", "https://127.0.0.1:8700", "loopback"),
+    ("NEONOMICS_API_URL", "https://localhost/neo", "loopback"),
+    ("SLACK_WEBHOOK_URL", "http://alerts.evil.example/hook-value", "https://hooks.slack.com/"),
+    ("REDIS_URL", "redis://cache:6379/0", "password or TLS"),
+    ("DATABASE_URL", "postgresql://u:pw-value@db/drop", "sslmode"),
+    ("DATABASE_URL", "postgresql://u:pw-value@db/drop?sslmode=prefer", "sslmode"),
+    ("NEONOMICS_CLIENT_SECRET", "x", "shorter than 16"),
+    ("SUMSUB_WEBHOOK_SECRET", "short-secret", "shorter than 16"),
+    ("SUMSUB_APP_TOKEN", "tok", "shorter than 16"),
+    ("DROP_MONITOR_HOST", "0.0.0.0", "DROP_MONITOR_EXPOSE"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "why"), WEAK_PRODUCTION)
+def test_weak_production_settings_are_refused_naming_the_variable(clean_env, name, value, why):
+    for k, v in PROD_ENV.items():
+        clean_env.setenv(k, v)
+    clean_env.setenv(name, value)
+    with pytest.raises(ConfigurationError) as info:
+        build_settings()
+    message = str(info.value)
+    assert message.startswith(name) and why in message
+    assert value not in message
+    assert "\n" not in message
+
+
+def test_production_needs_an_explicit_webhook_secret(clean_env):
+    for k, v in PROD_ENV.items():
+        if k != "SUMSUB_WEBHOOK_SECRET":
+            clean_env.setenv(k, v)
+    with pytest.raises(ConfigurationError, match="SUMSUB_WEBHOOK_SECRET is required"):
+        build_settings()
+
+
+def test_production_accepts_tls_redis_and_an_opened_monitor(clean_env):
+    for k, v in PROD_ENV.items():
+        clean_env.setenv(k, v)
+    clean_env.setenv("REDIS_URL", "rediss://cache:6380/0")
+    clean_env.setenv("DROP_MONITOR_HOST", "0.0.0.0")
+    clean_env.setenv("DROP_MONITOR_EXPOSE", "true")
+    assert build_settings().monitor_expose is True
+
+
+def test_staging_checks_secret_lengths_but_allows_local_stand_ins(clean_env):
+    clean_env.setenv("DROP_ENV", "staging")
+    clean_env.setenv("SLACK_WEBHOOK_URL", "http://127.0.0.1:9/hook")
+    assert build_settings().drop_env == "staging"
+    clean_env.setenv("SUMSUB_SECRET_KEY", "changeme")
+    with pytest.raises(ConfigurationError, match=r"^SUMSUB_SECRET_KEY is shorter than 16"):
+        build_settings()
