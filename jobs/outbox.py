@@ -34,6 +34,7 @@ import psycopg
 import redis
 
 from db.pool import connect, transaction
+from worker.pii import scrub_text
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _message_for(broker: dramatiq.Broker, row: dict) -> tuple[dramatiq.Message |
     try:
         actor = broker.get_actor(row["job"])
     except dramatiq.errors.ActorNotFound:
-        return None, f"unknown job {row['job']!r}"
+        return None, f"unknown job {scrub_text(row['job'])[:200]!r}"
     payload, problem = decode_payload(row["payload_text"])
     if problem is not None:
         return None, problem

@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import sentry_sdk
 
-from worker.pii import REDACTED, scrub, scrub_text
+from worker.pii import REDACTED, scrub, scrub_text, scrub_url
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ def scrub_event(event: dict[str, Any]) -> dict[str, Any]:
     if isinstance(request, dict):
         for field in ("data", "cookies", "env"):
             request.pop(field, None)
+        if isinstance(request.get("url"), str):
+            request["url"] = scrub_url(request["url"])  # user and account ids live in paths
         if isinstance(request.get("query_string"), str):
             request["query_string"] = scrub_text(request["query_string"])
         headers = request.get("headers")
@@ -151,7 +154,7 @@ def scrub_event(event: dict[str, Any]) -> dict[str, Any]:
         crumbs["values"] = [scrub_breadcrumb(c) for c in crumbs.get("values") or []]
     for span in event.get("spans") or []:
         if isinstance(span.get("description"), str):
-            span["description"] = scrub_text(span["description"])
+            span["description"] = _scrub_urls(scrub_text(span["description"]))
         if "data" in span:
             span["data"] = scrub(span["data"])
     if isinstance(event.get("transaction"), str):
@@ -159,11 +162,20 @@ def scrub_event(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+_URL = re.compile(r"https?://[^\s\"'<>]+")
+
+
+def _scrub_urls(text: str) -> str:
+    return _URL.sub(lambda m: scrub_url(m.group(0)), text)
+
+
 def scrub_breadcrumb(crumb: dict[str, Any]) -> dict[str, Any]:
     if isinstance(crumb.get("message"), str):
-        crumb["message"] = scrub_text(crumb["message"])
+        crumb["message"] = _scrub_urls(scrub_text(crumb["message"]))
     if "data" in crumb:
         crumb["data"] = scrub(crumb["data"])
+        if isinstance(crumb["data"], dict) and isinstance(crumb["data"].get("url"), str):
+            crumb["data"]["url"] = scrub_url(crumb["data"]["url"])
     return crumb
 
 

@@ -156,6 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     from worker import dlq
+    from worker.pii import scrub_text
 
     if args.dlq_command == "list":
         rows = dlq.list_dead_letters(limit=args.limit, job=args.job)
@@ -165,7 +166,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         print(
             _table(
                 [
-                    [r["id"], r["job"], r["failed_at"].isoformat(timespec="seconds"), r["retries"], r["reason"][:80]]
+                    [r["id"], r["job"], r["failed_at"].isoformat(timespec="seconds"), r["retries"],
+                     scrub_text(r["reason"] or "")[:80]]
                     for r in rows
                 ],
                 ["id", "job", "failed at", "retries", "reason"],

@@ -12,6 +12,7 @@ from typing import Any
 import dramatiq
 
 from db.pool import transaction
+from worker.pii import scrub_text
 
 
 def _filter(ids: list[int] | None, job: str | None) -> tuple[str, list[Any]]:
@@ -47,7 +48,7 @@ def describe(row: dict) -> dict:
         "id": row["id"],
         "job": row["job"],
         "queue": row["queue_name"],
-        "reason": row["reason"],
+        "reason": scrub_text(row["reason"] or ""),  # rows stored before reasons were scrubbed
         "retries": row["retries"],
         "failed_at": row["failed_at"],
         "outbox_id": row["outbox_id"],

@@ -3,7 +3,10 @@
 Log records never carry personal data: our code logs ids, statuses and counts. Dramatiq's own
 log lines print whole messages ("Failed to process message kyc.sumsub_webhook(body=…)"), so
 `install_record_scrubber()` rewrites every record at creation: a Dramatiq message argument
-becomes `actor_name[message_id]`, and string arguments pass through the PII scrubber.
+becomes `actor_name[message_id]`, string and exception arguments pass through the PII scrubber,
+and the traceback is rendered and scrubbed then (`exc_text`), so every handler — Dramatiq's own
+included — prints the scrubbed one. Our own handlers also scrub the finished line
+(`ScrubbingFormatter`), which catches what a record's message template itself carried.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from datetime import UTC, datetime
 
 from worker.pii import scrub, scrub_text
@@ -25,7 +29,14 @@ def _safe_arg(arg: object) -> object:
         return f"{arg.actor_name}[{arg.message_id}]"
     if isinstance(arg, str | dict | list | tuple):
         return scrub(arg)  # e.g. Dramatiq's debug line "Received args=%r kwargs=%r"
+    if isinstance(arg, BaseException):
+        return scrub_text(str(arg))  # "failed: %s", exc — the text may quote a value
     return arg
+
+
+def scrubbed_traceback(exc_info: tuple) -> str:
+    """The traceback as logging.Formatter.formatException would print it, scrubbed."""
+    return scrub_text("".join(traceback.format_exception(*exc_info)).rstrip("\n"))
 
 
 def install_record_scrubber() -> None:
@@ -42,24 +53,38 @@ def install_record_scrubber() -> None:
                 record.args = tuple(_safe_arg(a) for a in record.args)
             elif isinstance(record.args, dict):
                 record.args = {k: _safe_arg(v) for k, v in record.args.items()}
-        elif isinstance(record.msg, str):
+        if isinstance(record.msg, str):
             record.msg = scrub_text(record.msg)
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = scrubbed_traceback(record.exc_info)
+        if record.stack_info:
+            record.stack_info = scrub_text(record.stack_info)
         return record
 
     logging.setLogRecordFactory(factory)
     _installed = True
 
 
-class JsonFormatter(logging.Formatter):
+class ScrubbingFormatter(logging.Formatter):
+    """Scrubs the finished line, traceback included: the last line of defence of our handlers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub_text(super().format(record))
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]
+        return scrubbed_traceback(ei)
+
+
+class JsonFormatter(ScrubbingFormatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub_text(record.getMessage()),
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -67,7 +92,7 @@ def setup_logging(level: str | None = None) -> None:
     settings = get_settings()
     handler = logging.StreamHandler(sys.stderr)
     if settings.drop_env == "development":
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     else:
         handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

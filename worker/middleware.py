@@ -25,11 +25,14 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("dro
 
 
 def failure_reason(exc: BaseException | None) -> str:
-    """A short, PII-free reason: the exception type and its message, cut to 500 characters."""
+    """A short, PII-free reason: the exception type and its scrubbed message, cut to 500 characters.
+
+    Our errors name fields, never values; the scrubber is here for everyone else's exceptions."""
+    from worker.pii import scrub_text
+
     if exc is None:
         return "unknown"
-    text = f"{type(exc).__name__}: {exc}"
-    return text[:500]
+    return scrub_text(f"{type(exc).__name__}: {exc}")[:500]
 
 
 class RequestContext(dramatiq.Middleware):
@@ -68,8 +71,9 @@ class DeadLetters(dramatiq.Middleware):
 
 def record_dead_letter(message: dramatiq.Message, exc: BaseException | None, *, reason: str | None = None) -> None:
     from db.pool import transaction
+    from worker.pii import scrub_text
 
-    reason = reason or failure_reason(exc)
+    reason = scrub_text(reason)[:500] if reason else failure_reason(exc)
     body = message.asdict()
     body["options"] = {k: v for k, v in body["options"].items() if k not in ("traceback", "dead_letter_reason")}
     outbox_id = message.options.get("outbox_id")
