@@ -51,6 +51,14 @@ MAX_CLOCK_SKEW = timedelta(hours=1)
 NOTIFY_APPROVED = "Du er nå verifisert"
 NOTIFY_REJECTED = "Verifisering avslått"
 NOTIFY_RETRY = "Vennligst prøv igjen"
+NOTIFY_RESET = "Vi må bekrefte identiteten din på nytt"
+# Deliveries whose own creation time is older than this are recorded as stale, never applied:
+# Sumsub resends a failed webhook after 5 min, 1 h, 5 h and 18 h (about 24 h 05 min in all);
+# the rest is slack for our own queue. A captured approval replayed later is therefore inert.
+REPLAY_WINDOW = timedelta(hours=24, minutes=30)
+# Events that change kyc_status: they need their own time (the ordering guard compares it).
+STATUS_EVENTS = frozenset({"applicantReviewed", "applicantWorkflowCompleted", "applicantReset",
+                           "applicantDeleted", "applicantDeactivated"})
 
 # Sumsub rejection labels that make an AML/compliance case (docs.sumsub.com "Rejection labels",
 # "Final rejection"): sanctions, PEP, adverse media, watchlists/criminal, fraud, blocklist.
@@ -307,8 +315,8 @@ def parse_event(raw: bytes, *, now: datetime | None = None) -> Event:
             ))
     elif result is not None:
         raise MalformedWebhook("reviewResult is not an object")
-    if event_type == "applicantReviewed" and event_at is None:
-        raise MalformedWebhook("applicantReviewed without createdAtMs/createdAt")
+    if event_type in STATUS_EVENTS and event_at is None:
+        raise MalformedWebhook(f"{event_type} without createdAtMs/createdAt")
     correlation = _opt_token(data.get("correlationId"))
     event_id = derive_event_id(applicant_id, event_type, event_at, correlation, answer, reject_type, raw)
     return Event(event_id, event_type, applicant_id, event_at, answer, reject_type, labels, correlation)
@@ -325,6 +333,12 @@ class Decision:
     notification: tuple[str, str] | None = None  # (kind, Norwegian text)
     aml_check: bool = False
     compliance: tuple[str, ...] = field(default=())  # compliance categories seen in the labels
+    alert: str | None = None  # on-call is told (title) once this decision is applied
+
+
+def is_stale(event_at: datetime | None, now: datetime) -> bool:
+    """Older than the replay window by the event's own time (events without a time change no status)."""
+    return event_at is not None and now - event_at > REPLAY_WINDOW
 
 
 def compliance_categories(labels: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -334,7 +348,10 @@ def compliance_categories(labels: tuple[str, ...] | list[str]) -> tuple[str, ...
 def decide(event_type: str, review_answer: str | None, reject_type: str | None,
            labels: tuple[str, ...] = ()) -> Decision:
     """What an event means for Drop. Raises MalformedWebhook for a review without an answer."""
-    if event_type == "applicantReviewed":
+    if event_type == "applicantWorkflowCompleted" and review_answer is None:
+        return Decision("kyc.workflow_completed")  # a workflow without a verdict: nothing to apply
+    if event_type in ("applicantReviewed", "applicantWorkflowCompleted"):
+        # A completed workflow carries the same reviewResult as a review (its final verdict).
         compliance = compliance_categories(labels)
         if review_answer == "GREEN":
             return Decision("kyc.approved", "approved", "approved", ("kyc_approved", NOTIFY_APPROVED))
@@ -351,6 +368,16 @@ def decide(event_type: str, review_answer: str | None, reject_type: str | None,
         return Decision("kyc.pending")
     if event_type == "applicantOnHold":
         return Decision("kyc.on_hold")
+    # Sumsub took the verification back: nobody stays approved on documents Sumsub no longer has.
+    if event_type == "applicantReset":  # status init, documents removed: the user starts again
+        return Decision("kyc.applicant_reset", "not_started", notification=("kyc_reset", NOTIFY_RESET),
+                        alert="KYC applicant reset by Sumsub")
+    if event_type == "applicantDeleted":
+        return Decision("kyc.applicant_deleted", "not_started", alert="KYC applicant deleted in Sumsub")
+    if event_type == "applicantDeactivated":  # blocked in Sumsub: in review until compliance decides
+        return Decision("kyc.applicant_deactivated", "pending", alert="KYC applicant deactivated in Sumsub")
+    if event_type == "applicantWorkflowFailed":
+        return Decision("kyc.workflow_failed")
     return Decision("kyc.event_recorded")  # any other type: audit only, never an error
 
 
@@ -414,13 +441,14 @@ def apply_event(conn: psycopg.Connection, event: Event, decision: Decision) -> s
         # A newer decision is already applied: record that we saw this one, nothing else.
         _audit(conn, user["id"], "kyc.review_superseded", {**details, "superseded_by_newer": True})
         return "superseded"
-    conn.execute(
-        """INSERT INTO screening_results (user_id, screening_type, result, provider_ref,
-                                          provider_event_id, review_answer, reject_type, reject_labels)
-           VALUES (%s, 'kyc', %s, %s, %s, %s, %s, %s)""",
-        (user["id"], decision.screening_result, event.applicant_id, event.event_id, event.review_answer,
-         event.reject_type, Jsonb(list(event.reject_labels))),
-    )
+    if decision.screening_result is not None:
+        conn.execute(
+            """INSERT INTO screening_results (user_id, screening_type, result, provider_ref,
+                                              provider_event_id, review_answer, reject_type, reject_labels)
+               VALUES (%s, 'kyc', %s, %s, %s, %s, %s, %s)""",
+            (user["id"], decision.screening_result, event.applicant_id, event.event_id, event.review_answer,
+             event.reject_type, Jsonb(list(event.reject_labels))),
+        )
     if decision.notification is not None:
         kind, message = decision.notification
         conn.execute("INSERT INTO notifications (user_id, kind, message) VALUES (%s, %s, %s)",
@@ -469,6 +497,12 @@ def process_webhook(body: object, headers: object, received_at: object = None) -
     except MalformedWebhook:
         WEBHOOKS.labels(outcome="malformed").inc()
         raise
+    if is_stale(event.event_at, datetime.now(UTC)):
+        record_stale(event)
+        WEBHOOKS.labels(outcome="stale").inc()
+        log.warning("sumsub webhook stale: %s applicant %s event %s older than the replay window", event.type,
+                    event.applicant_id, event.event_id[:19])
+        return "stale"
     try:
         with transaction() as conn:
             outcome = apply_event(conn, event, decision)
@@ -477,6 +511,8 @@ def process_webhook(body: object, headers: object, received_at: object = None) -
         WEBHOOKS.labels(outcome="unknown_applicant").inc()
         raise
     WEBHOOKS.labels(outcome=outcome).inc()
+    if outcome == "applied" and decision.alert:
+        _alert_status_taken_back(event, decision)
     if outcome == "applied" and decision.screening_result:
         KYC_DECISIONS.labels(result=decision.screening_result).inc()
     log.info("sumsub webhook %s: %s applicant %s event %s", outcome, event.type, event.applicant_id,
@@ -488,6 +524,32 @@ def _runbook(anchor: str) -> str:
     from worker.settings import get_settings
 
     return get_settings().runbook_url.rsplit("/", 1)[0] + f"/kyc.md#{anchor}"
+
+
+def record_stale(event: Event) -> None:
+    """A delivery older than the replay window: an audit row, the outbox row done, no effect."""
+    with transaction() as conn:
+        user = conn.execute("SELECT id FROM users WHERE kyc_applicant_id = %s", (event.applicant_id,)).fetchone()
+        _audit(conn, user["id"] if user else None, "kyc.event_stale",
+               {**_event_details(event), "replay_window_s": int(REPLAY_WINDOW.total_seconds())})
+        mark_outbox_done(conn)
+    from monitoring.alerts import send_alert
+
+    send_alert("warning", "Stale Sumsub webhook ignored",
+               f"A Sumsub {event.type} event older than the {REPLAY_WINDOW} replay window was recorded "
+               "and not applied (kyc.event_stale in audit_log). One may be a very late resend; many "
+               "mean a replay of captured webhooks or a stalled KYC queue.",
+               key="kyc-event-stale", runbook=_runbook("stale-webhook"))
+
+
+def _alert_status_taken_back(event: Event, decision: Decision) -> None:
+    from monitoring.alerts import send_alert
+
+    send_alert("high", decision.alert or "KYC status changed by Sumsub",
+               f"Sumsub sent {event.type} for applicant {event.applicant_id}: the user's KYC status is now "
+               f"{decision.new_status} ({decision.action} in audit_log). Compliance should check why in "
+               "Sumsub's dashboard; the user cannot use features that need KYC until verified again.",
+               key=f"kyc-taken-back:{event.applicant_id}", runbook=_runbook("applicant-reset"))
 
 
 def _alert_rejection(delivery: Delivery) -> None:

@@ -23,6 +23,7 @@ import jobs
 from jobs.kyc import (
     NOTIFY_APPROVED,
     NOTIFY_REJECTED,
+    NOTIFY_RESET,
     NOTIFY_RETRY,
     KycPermanentError,
     MalformedWebhook,
@@ -194,7 +195,7 @@ def test_same_body_five_times_has_its_effects_once(sql, user):
 def test_sumsub_resends_through_the_worker_apply_once(sql, sandbox, worker, relay):
     applicant = sandbox.create_applicant(USER)["id"]
     add_user(sql, USER, applicant)
-    ev = {"type": "applicantReviewed", "applicantId": applicant, "createdAtMs": "2026-01-05 10:00:00.001",
+    ev = {"type": "applicantReviewed", "applicantId": applicant, "createdAtMs": BASE.strftime("%Y-%m-%d %H:%M:%S.001"),
           "reviewResult": {"reviewAnswer": "GREEN"}}
     raw = json.dumps(ev)
     for i in range(5):  # Sumsub's resends: same body, new deliveries (new outbox keys)
@@ -432,7 +433,7 @@ def test_fuzz_unsigned_deliveries_never_crash_and_change_nothing(sql, user, body
     assert c["audit"] == c["rejected"]
 
 
-EFFECTS = {"applied", "audit_only", "superseded", "duplicate"}
+EFFECTS = {"applied", "audit_only", "superseded", "duplicate", "stale"}
 
 
 @fuzz(1500)
@@ -452,9 +453,11 @@ def test_fuzz_signed_events_give_typed_outcomes_and_invalid_ones_change_nothing(
     after = counts(sql)
     if outcome == "duplicate":
         assert after == before
+    elif outcome == "stale":  # older than the replay window: recorded, nothing applied
+        assert after == {**before, "audit": before["audit"] + 1}
     else:
         assert after["processed"] == before["processed"] + 1 and after["audit"] == before["audit"] + 1
-    assert after["users"].split("=")[1].split("@")[0] in ("pending", "approved", "rejected")
+    assert after["users"].split("=")[1].split("@")[0] in ("not_started", "pending", "approved", "rejected")
 
 
 # --- AML follow-up ------------------------------------------------------------------------
@@ -583,3 +586,70 @@ def test_metrics_and_the_monitors_approval_rate(sql, user):
     assert metric("drop_kyc_webhooks_total", outcome="duplicate") == dup + 1
     s = database_state()
     assert (s["kyc_approved"], s["kyc_reviewed"]) == (1, 3)  # approved / (approved+rejected+retry)
+
+
+# --- replay window and Sumsub taking a verification back --------------------------------------
+
+
+def texts(slack) -> str:
+    return json.dumps([r.json() for r in slack.requests])
+
+
+def test_captured_approval_25_hours_old_is_recorded_stale_not_applied(sql, user, slack):
+    old = datetime.now(UTC) - timedelta(hours=25)
+    assert deliver(event("GREEN", at=old)) == "stale"
+    assert status(sql) == "pending"
+    assert [a["action"] for a in sql("SELECT action FROM audit_log")] == ["kyc.event_stale"]
+    assert sql("SELECT count(*) AS n FROM processed_events")[0]["n"] == 0
+    assert sql("SELECT count(*) AS n FROM notifications")[0]["n"] == 0
+    slack.wait(1)
+    assert "Stale Sumsub webhook ignored" in texts(slack)
+    # Sumsub's last resend (about 24 h 05 min after the event) is still inside the window.
+    assert deliver(event("GREEN", at=datetime.now(UTC) - timedelta(hours=24, minutes=5))) == "applied"
+
+
+def test_day_old_approval_replayed_after_a_reset_does_not_reapprove(sql, user):
+    assert deliver(event("GREEN", at=BASE)) == "applied"
+    # A reset that cleared the event-time guard (an operator, or the web tier).
+    sql("UPDATE users SET kyc_status = 'pending', kyc_event_at = NULL WHERE id = %s", (USER,))
+    captured = event("GREEN", at=datetime.now(UTC) - timedelta(days=1, hours=1))
+    assert deliver(captured) == "stale"
+    assert status(sql) == "pending"
+
+
+def test_sumsub_reset_takes_an_approval_back_audits_and_alerts(sql, user, slack):
+    assert deliver(event("GREEN", at=BASE)) == "applied"
+    assert deliver(event("applicantReset", at=BASE + timedelta(minutes=5))) == "applied"
+    assert status(sql) == "not_started"
+    audit = sql("SELECT action, details FROM audit_log ORDER BY id")
+    assert [a["action"] for a in audit] == ["kyc.approved", "kyc.applicant_reset"]
+    assert audit[1]["details"]["from"] == "approved" and audit[1]["details"]["to"] == "not_started"
+    assert [r["message"] for r in sql("SELECT message FROM notifications ORDER BY id")][-1] == NOTIFY_RESET
+    slack.wait(1)
+    assert "KYC applicant reset by Sumsub" in texts(slack) and "Kari" not in texts(slack)
+    # A resend of the approval from before the reset stays superseded: the guard kept the reset's time.
+    assert deliver(event("GREEN", at=BASE + timedelta(minutes=1), correlationId="req-resend")) == "superseded"
+    assert status(sql) == "not_started"
+
+
+@pytest.mark.parametrize(("kind", "after", "action"), [
+    ("applicantDeleted", "not_started", "kyc.applicant_deleted"),
+    ("applicantDeactivated", "pending", "kyc.applicant_deactivated"),
+])
+def test_sumsub_deletion_or_deactivation_takes_an_approval_back(sql, user, slack, kind, after, action):
+    assert deliver(event("GREEN", at=BASE)) == "applied"
+    assert deliver(event(kind, at=BASE + timedelta(minutes=5))) == "applied"
+    assert status(sql) == after
+    assert sql("SELECT action FROM audit_log ORDER BY id")[-1]["action"] == action
+    slack.wait(1)
+
+
+def test_workflow_events_as_sumsub_defines_them(sql, user):
+    completed = event("GREEN", at=BASE, type="applicantWorkflowCompleted")
+    assert deliver(completed) == "applied" and status(sql) == "approved"
+    assert deliver(event("applicantWorkflowFailed", at=BASE + timedelta(minutes=1))) == "audit_only"
+    assert status(sql) == "approved"
+    no_verdict = event("applicantWorkflowCompleted", at=BASE + timedelta(minutes=2))
+    assert deliver(no_verdict) == "audit_only"
+    with pytest.raises(MalformedWebhook):
+        deliver(event("applicantReset", at=BASE, createdAtMs=None))
