@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 
-from sandbox.server import config_from_settings, serve
+from sandbox.server import SandboxRefused, config_from_settings, refuse_unless_safe, serve
 from worker.settings import load_settings
 
 
@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed for the 90 %% approval draw")
     parser.add_argument("--review-delay", type=float, default=None, help="Sumsub review delay, seconds")
     args = parser.parse_args(argv)
+    try:
+        refuse_unless_safe(settings.drop_env, args.host)
+    except SandboxRefused as refused:
+        print(f"sandbox: {refused}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sandbox %(levelname)s %(message)s")
 
     config = config_from_settings()

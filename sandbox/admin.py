@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 
+def admin_token_for(url: str) -> str:
+    """DROP_SANDBOX_ADMIN_TOKEN, else the token file the sandbox on that port wrote (0600)."""
+    from sandbox.server import admin_token_file
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    if settings.sandbox_admin_token:
+        return settings.sandbox_admin_token.get_secret_value()
+    port = urlsplit(url).port or 80
+    try:
+        return admin_token_file(settings.data_dir.resolve(), port).read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 class SandboxAdmin:
-    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 10.0, token: str | None = None) -> None:
+        from sandbox.server import ADMIN_TOKEN_HEADER
+
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url + "/_admin", timeout=timeout)
+        self._http = httpx.Client(base_url=self.url + "/_admin", timeout=timeout,
+                                  headers={ADMIN_TOKEN_HEADER: token if token is not None else admin_token_for(url)})
 
     def close(self) -> None:
         self._http.close()

@@ -28,6 +28,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -61,6 +62,9 @@ class Config:
     # Where webhooks go: the job_outbox of this database (schema optional). None = memory only.
     database_url: str | None = None
     schema: str | None = None
+    # Every /_admin call but /_admin/health must carry it (X-Sandbox-Admin-Token): the admin API
+    # signs webhooks with the real webhook secret, so it is no open signing oracle.
+    admin_token: str | None = None
 
 
 @dataclass
@@ -151,9 +155,17 @@ def _state(request: web.Request) -> State:
 # --- middleware: record, count, inject faults --------------------------------------------------
 
 
+ADMIN_TOKEN_HEADER = "X-Sandbox-Admin-Token"  # noqa: S105 (a header name, not a secret)
+
+
 @web.middleware
 async def provider_middleware(request: web.Request, handler):
     if request.path.startswith("/_admin"):
+        expected = _state(request).config.admin_token
+        given = request.headers.get(ADMIN_TOKEN_HEADER, "")
+        if request.path != "/_admin/health" and (
+                not expected or not hmac.compare_digest(given.encode(), expected.encode())):
+            return web.json_response({"error": "admin token required"}, status=401)
         return await handler(request)
     state = _state(request)
     route = request.match_info.route
@@ -509,18 +521,18 @@ async def emit_webhook(state: State, body: str, *, alg: str | None = None, forge
 
 
 def _insert_outbox(dsn: str, schema: str | None, payload: dict[str, Any], idem: str) -> str:
+    """Enqueue as the web tier does, through the one owner of the outbox (`jobs.enqueue`).
+    Imported here: only a sandbox wired to a database needs the job system (and its broker)."""
     import psycopg
-    from psycopg.types.json import Jsonb
+
+    import jobs
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         if schema:
             conn.execute("SELECT set_config('search_path', %s, false)", (schema,))
-        row = conn.execute(
-            "INSERT INTO job_outbox (job, payload, idempotency_key) VALUES ('kyc.sumsub_webhook', %s, %s) "
-            "ON CONFLICT DO NOTHING RETURNING id",
-            (Jsonb(payload), idem),
-        ).fetchone()
-    return "inserted" if row else "duplicate"
+        with conn.transaction():
+            outbox_id = jobs.enqueue("kyc.sumsub_webhook", payload, idempotency_key=idem, conn=conn)
+    return "inserted" if outbox_id is not None else "duplicate"
 
 
 # --- admin API ---------------------------------------------------------------------------------
@@ -561,7 +573,8 @@ async def admin_config(request: web.Request) -> web.Response:
         if "seed" in data:
             state.rng = random.Random(state.config.seed)
     view = asdict(state.config)
-    for secret_field in ("client_secret", "sumsub_secret_key", "webhook_secret", "database_url"):
+    for secret_field in ("client_secret", "sumsub_app_token", "sumsub_secret_key", "webhook_secret",
+                         "database_url", "admin_token"):
         view[secret_field] = "***" if view[secret_field] else None
     return web.json_response(view)
 
@@ -729,11 +742,39 @@ def config_from_settings() -> Config:
         sumsub_secret_key=s.sumsub_secret_key.get_secret_value() if s.sumsub_secret_key else None,
         webhook_secret=secret.get_secret_value() if secret else None,
         database_url=s.database_url,
+        admin_token=s.sandbox_admin_token.get_secret_value() if s.sandbox_admin_token else None,
     )
+
+
+class SandboxRefused(RuntimeError):
+    """The sandbox will not run here; the message says why in one line."""
+
+
+def refuse_unless_safe(drop_env: str, host: str) -> None:
+    """The sandbox accepts any caller's credentials and signs webhooks with the real secret: it
+    runs only in development and only on a loopback address."""
+    from worker.settings import is_loopback
+
+    if drop_env != "development":
+        raise SandboxRefused(f"the sandbox runs only with DROP_ENV=development (it is {drop_env})")
+    if not is_loopback(host):
+        raise SandboxRefused("the sandbox binds loopback addresses only (--host / DROP_SANDBOX_HOST)")
+
+
+def admin_token_file(data_dir: Path, port: int) -> Path:
+    """Where a sandbox on `port` leaves its admin token for local clients (mode 0600)."""
+    return data_dir / f"sandbox-admin-token-{port}"
 
 
 async def serve(host: str, port: int, config: Config | None = None, *, ready=None) -> None:
     """Run until cancelled. `ready(url)` is called once the socket is listening."""
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    refuse_unless_safe(settings.drop_env, host)
+    config = config or Config()
+    if not config.admin_token:
+        config.admin_token = secrets.token_urlsafe(24)
     app = create_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
     await runner.setup()
@@ -741,9 +782,15 @@ async def serve(host: str, port: int, config: Config | None = None, *, ready=Non
     await site.start()
     bound = runner.addresses[0]
     url = f"http://{host}:{bound[1]}"
+    token_file = admin_token_file(settings.data_dir.resolve(), bound[1])
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.touch(mode=0o600)
+    token_file.chmod(0o600)
+    token_file.write_text(config.admin_token or "")
     if ready is not None:
         ready(url)
     try:
         await asyncio.Event().wait()
     finally:
+        token_file.unlink(missing_ok=True)
         await runner.cleanup()

@@ -202,6 +202,13 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker import demo
+    from worker.settings import get_settings
+
+    if get_settings().drop_env != "development":
+        # The demo writes fake users, payments and KYC reviews: never into a real database.
+        print(f"drop-jobs demo runs only with DROP_ENV=development (it is {get_settings().drop_env})",
+              file=sys.stderr)
+        return 2
 
     demo.run_demo(watch=not args.no_watch, timeout=args.timeout)
     return 0

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     sumsub_rate_limit_per_min: int = Field(default=100, ge=1, le=100_000, validation_alias="DROP_SUMSUB_RATE_LIMIT")
     sandbox_host: str = Field(default="127.0.0.1", validation_alias="DROP_SANDBOX_HOST")
     sandbox_port: int = Field(default=8700, ge=0, le=65535, validation_alias="DROP_SANDBOX_PORT")
+    # The sandbox admin API's token; unset: the sandbox makes one and leaves it in DROP_DATA_DIR.
+    sandbox_admin_token: SecretStr | None = Field(default=None, validation_alias="DROP_SANDBOX_ADMIN_TOKEN")
 
     # Monitoring (monitoring/*): alert links, rule loop cadence, dedup cooldown, Slack pacing.
     runbook_url: str = Field(

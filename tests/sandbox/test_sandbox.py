@@ -152,3 +152,60 @@ def test_requests_are_recorded_without_bodies(sandbox):
 def test_admin_rejects_unknown_config(sandbox):
     with pytest.raises(httpx.HTTPStatusError):
         sandbox.config(no_such_knob=1)
+
+
+# --- the sandbox is no signing oracle and never runs where it could do harm ------------------
+
+
+def run_sandbox(*args: str, **env: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "sandbox", *args], cwd=root, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **env})
+
+
+def test_sandbox_refuses_to_start_outside_development():
+    proc = run_sandbox("--port", "0", DROP_ENV="staging")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "sandbox: the sandbox runs only with DROP_ENV=development (it is staging)"]
+
+
+def test_sandbox_refuses_a_non_loopback_bind():
+    proc = run_sandbox("--host", "0.0.0.0", "--port", "0")
+    assert proc.returncode == 2 and "loopback" in proc.stderr
+
+
+def test_sandbox_admin_api_refuses_a_forged_kyc_approval_without_its_token(sandbox, sql):
+    import httpx
+
+    forged = {"event": {"type": "applicantReviewed", "applicantId": "a1", "reviewResult": {"reviewAnswer": "GREEN"}}}
+    anonymous = httpx.post(f"{sandbox.url}/_admin/sumsub/webhooks", json=forged, timeout=5)
+    assert anonymous.status_code == 401
+    wrong = httpx.post(f"{sandbox.url}/_admin/sumsub/webhooks", json=forged, timeout=5,
+                       headers={"X-Sandbox-Admin-Token": "guess"})
+    assert wrong.status_code == 401
+    assert sql("SELECT count(*) AS n FROM job_outbox")[0]["n"] == 0
+    assert httpx.get(f"{sandbox.url}/_admin/health", timeout=5).status_code == 200  # liveness stays open
+
+
+def test_sandbox_never_shows_secrets(sandbox):
+    from tests.conftest_sandbox import SANDBOX_ENV
+
+    shown = json.dumps(sandbox.config())
+    for name in ("NEONOMICS_CLIENT_SECRET", "SUMSUB_APP_TOKEN", "SUMSUB_SECRET_KEY", "SUMSUB_WEBHOOK_SECRET"):
+        assert SANDBOX_ENV[name] not in shown, name
+
+
+def test_demo_refuses_to_run_outside_development():
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--no-watch"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "DROP_ENV": "staging"})
+    assert proc.returncode == 2 and "only with DROP_ENV=development" in proc.stderr
