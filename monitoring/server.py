@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitoring.health import run_checks
@@ -15,37 +17,88 @@ from monitoring.metrics import REGISTRY
 
 log = logging.getLogger("monitor")
 
-
-class Handler(BaseHTTPRequestHandler):
-    server_version = "drop-monitor"
-
-    def log_message(self, fmt: str, *args: object) -> None:  # access logs stay out of stderr
-        pass
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/v1/health":
-            status, body = run_checks()
-            self._send(status, json.dumps(body).encode(), "application/json")
-        elif path == "/metrics":
-            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
-        else:
-            self._send(404, b'{"error":"not found"}', "application/json")
+# The checks and the metrics collection are blocking calls: they run on a small pool of their
+# own, so a flood of requests queues there instead of starting a thread each.
+HANDLER_THREADS = 4
+# An HTTP/1.1 keep-alive connection left idle is closed after this long.
+KEEPALIVE_TIMEOUT_S = 5.0
+_HEADERS = {"Cache-Control": "no-store"}
 
 
-def serve(host: str, port: int) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="monitor-http", daemon=True).start()
-    return server
+async def _health(request: web.Request) -> web.Response:
+    status, body = await asyncio.get_running_loop().run_in_executor(request.app["pool"], run_checks)
+    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json",
+                        headers=_HEADERS)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    payload = await asyncio.get_running_loop().run_in_executor(request.app["pool"], generate_latest, REGISTRY)
+    response = web.Response(status=200, body=payload, headers=_HEADERS)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return web.Response(status=404, body=b'{"error":"not found"}', content_type="application/json",
+                        headers=_HEADERS)
+
+
+class MonitorServer:
+    """The monitor's HTTP server: aiohttp on an event loop of its own thread.
+
+    An event loop, not a thread per connection: idle or deliberately slow connections
+    (slowloris) cost a little memory each, never a thread, so `/v1/health` keeps answering.
+    Request lines and headers are size-limited by aiohttp (8 KiB a line/field, 32 fields here)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._pool = ThreadPoolExecutor(max_workers=HANDLER_THREADS, thread_name_prefix="monitor-handler")
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self.server_address: tuple[str, int] = (host, port)
+        self._thread = threading.Thread(target=self._run, args=(host, port), name="monitor-http", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, host: str, port: int) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app["pool"] = self._pool
+        app.router.add_get("/v1/health", _health)
+        app.router.add_get("/metrics", _metrics)
+        app.router.add_route("*", "/{tail:.*}", _not_found)
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+                                     max_field_size=8190, max_line_size=8190, max_headers=32)
+        try:
+            self._loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, host, port, backlog=128)
+            self._loop.run_until_complete(site.start())
+            self.server_address = self._runner.addresses[0][:2]
+        except BaseException as error:  # e.g. the port is taken: raised in the caller's thread
+            self._error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
+        self._stopped.set()
+
+    def shutdown(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._stopped.wait(10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def server_close(self) -> None:
+        """Kept for callers written against http.server; shutdown() already closed the socket."""
+
+
+def serve(host: str, port: int) -> MonitorServer:
+    return MonitorServer(host, port)
 
 
 def main() -> int:

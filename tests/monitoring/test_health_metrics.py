@@ -114,8 +114,8 @@ def test_system_metrics(monitor, sql):
            VALUES ('x.y', 'k1', now() - interval '10 minutes'), ('x.y', 'k2', now())""")
     sql("""INSERT INTO dead_letters (message_id, job, queue_name, message, reason)
            VALUES ('m1', 'kyc.sumsub_webhook', 'default', '{}', 'r')""")
-    sql("""INSERT INTO scheduler_fires (job, slot, leader)
-           VALUES ('sca.expire_timeouts', '2026-01-01T10:00:00Z', 'l')""")
+    sql("""INSERT INTO scheduler_fires (job, slot, leader, outbox_id)
+           VALUES ('sca.expire_timeouts', '2026-01-01T10:00:00Z', 'l', 1)""")
     get_breaker("neonomics_pisp").open()
 
     m = metrics(monitor)
@@ -157,3 +157,23 @@ def test_queue_depth_and_oldest_message_age(monitor, broker):
     m = metrics(monitor)
     assert m[("drop_queue_depth", (("queue", "monitoring_probe_test"),))] == 2
     assert m[("drop_queue_oldest_message_age_seconds", (("queue", "monitoring_probe_test"),))] >= 1.0
+
+
+def test_slowloris_idle_connections_do_not_stop_health(monitor):
+    import socket
+
+    host, port = monitor.removeprefix("http://").split(":")
+    idle = []
+    try:
+        for _ in range(200):  # each sends half a request line and then nothing
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+            idle.append(s)
+        started = time.monotonic()
+        status, _ = get(f"{monitor}/v1/health")
+        took = time.monotonic() - started
+        print(f"health with 200 idle connections answered {status} in {took * 1000:.0f} ms")
+        assert status in (200, 503) and took < 3.0  # the checks' own deadline is 0.8 s
+    finally:
+        for s in idle:
+            s.close()
