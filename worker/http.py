@@ -2,6 +2,11 @@
 
 - Timeouts: `ATTEMPT_TIMEOUT_S` (30 s, seed §3.3) for read/write/pool, a shorter connect timeout.
 - Connection pooling: one client per provider client object, reused across calls and threads.
+- Limits on what comes back: a response body over `MAX_RESPONSE_BYTES` (1 MiB; the providers'
+  JSON answers are a few KiB) raises `ResponseTooLarge`, and a body still arriving when the
+  attempt's deadline (its timeout, counted from the request) has passed raises
+  `httpx.ReadTimeout`: httpx's read timeout is per chunk, so a body trickled a byte at a time
+  would otherwise only be cut by the job's time limit.
 - `X-Request-ID` on every request: a header the caller set wins (PISP initiation uses the
   transaction's idempotency key); otherwise the running job's request id (set by
   worker.middleware.RequestContext); otherwise a fresh UUID.
@@ -9,8 +14,9 @@
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import httpx
 
@@ -21,6 +27,78 @@ REQUEST_ID_HEADER = "X-Request-ID"
 CONNECT_TIMEOUT_S = 5.0
 USER_AGENT = "drop-worker/0.1"
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30)
+
+
+MAX_RESPONSE_BYTES = 1024 * 1024
+
+
+class ResponseTooLarge(httpx.DecodingError):
+    """The provider's answer exceeded MAX_RESPONSE_BYTES; reading stopped there."""
+
+
+def _check(received: int, deadline: float, request: httpx.Request, limit: int) -> None:
+    if received > limit:
+        raise ResponseTooLarge(f"response body over {limit} bytes", request=request)
+    if time.monotonic() > deadline:
+        raise httpx.ReadTimeout("response body not complete within the attempt deadline", request=request)
+
+
+class _BoundedStream(httpx.SyncByteStream):
+    def __init__(self, inner: httpx.SyncByteStream, request: httpx.Request, deadline: float, limit: int) -> None:
+        self._inner, self._request, self._deadline, self._limit = inner, request, deadline, limit
+
+    def __iter__(self) -> Iterator[bytes]:
+        received = 0
+        for chunk in self._inner:
+            received += len(chunk)
+            _check(received, self._deadline, self._request, self._limit)
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _AsyncBoundedStream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, request: httpx.Request, deadline: float, limit: int) -> None:
+        self._inner, self._request, self._deadline, self._limit = inner, request, deadline, limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in self._inner:
+            received += len(chunk)
+            _check(received, self._deadline, self._request, self._limit)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _bound(response: httpx.Response, seconds: float, limit: int) -> None:
+    request = response.request
+    deadline = request.extensions.get("drop_started", time.monotonic()) + seconds
+    declared = response.headers.get("Content-Length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise ResponseTooLarge(f"response body over {limit} bytes", request=request)
+    if isinstance(response.stream, httpx.AsyncByteStream):
+        response.stream = _AsyncBoundedStream(response.stream, request, deadline, limit)
+    else:
+        response.stream = _BoundedStream(response.stream, request, deadline, limit)  # type: ignore[arg-type]
+
+
+def _bounded_hooks(seconds: float, limit: int) -> tuple:
+    def on_request(request: httpx.Request) -> None:
+        request.extensions["drop_started"] = time.monotonic()
+
+    def on_response(response: httpx.Response) -> None:
+        _bound(response, seconds, limit)
+
+    async def on_request_async(request: httpx.Request) -> None:
+        on_request(request)
+
+    async def on_response_async(response: httpx.Response) -> None:
+        on_response(response)
+
+    return on_request, on_response, on_request_async, on_response_async
 
 
 def current_request_id() -> str:
@@ -51,14 +129,16 @@ def make_client(
     timeout: float = ATTEMPT_TIMEOUT_S,
     headers: Mapping[str, str] | None = None,
     transport: httpx.BaseTransport | None = None,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
 ) -> httpx.Client:
     """A pooled sync client for `base_url` that stamps X-Request-ID on every request."""
+    on_request, on_response, _, _ = _bounded_hooks(timeout, max_response_bytes)
     return httpx.Client(
         base_url=base_url.rstrip("/"),
         timeout=make_timeout(timeout),
         limits=DEFAULT_LIMITS,
         headers=_headers(headers),
-        event_hooks={"request": [_stamp_request_id]},
+        event_hooks={"request": [_stamp_request_id, on_request], "response": [on_response]},
         transport=transport,
         follow_redirects=False,
     )
@@ -70,14 +150,16 @@ def make_async_client(
     timeout: float = ATTEMPT_TIMEOUT_S,
     headers: Mapping[str, str] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
 ) -> httpx.AsyncClient:
     """The async twin of `make_client` (for AsyncIO actors); same defaults, same header."""
+    _, _, on_request, on_response = _bounded_hooks(timeout, max_response_bytes)
     return httpx.AsyncClient(
         base_url=base_url.rstrip("/"),
         timeout=make_timeout(timeout),
         limits=DEFAULT_LIMITS,
         headers=_headers(headers),
-        event_hooks={"request": [_stamp_request_id_async]},
+        event_hooks={"request": [_stamp_request_id_async, on_request], "response": [on_response]},
         transport=transport,
         follow_redirects=False,
     )

@@ -14,6 +14,7 @@ import httpx
 from prometheus_client import Counter, Histogram
 
 from worker.breaker import SharedCircuitBreaker
+from worker.http import MAX_RESPONSE_BYTES, ResponseTooLarge
 from worker.providers.errors import (
     CircuitOpenError,
     MalformedResponseError,
@@ -100,6 +101,9 @@ class ProviderClient:
         try:
             try:
                 response = self.http.request(method, path, **kwargs)
+            except ResponseTooLarge:
+                raise MalformedResponseError(f"response larger than {MAX_RESPONSE_BYTES} bytes",
+                                             provider=self.provider, operation=operation) from None
             except httpx.TransportError as exc:
                 raise error_for_transport(exc, provider=self.provider, operation=operation) from None
             if not response.is_success:

@@ -162,20 +162,30 @@ def error_codes(response: httpx.Response) -> list[str]:
     return codes
 
 
+# A provider's Retry-After is believed up to this long: a 429 pauses an account until the next
+# unattended-read slot at most (slots are 6 h apart), never until a date a provider bug names.
+MAX_RETRY_AFTER_S = 6 * 3600.0
+
+
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
-    """`Retry-After` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    """`Retry-After` as seconds (delta-seconds or an HTTP date), capped at MAX_RETRY_AFTER_S;
+    None when absent or unreadable. A date in the past is 0."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return min(float(value[:12]), MAX_RETRY_AFTER_S)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    try:
+        delta = when.timestamp() - (time.time() if now is None else now)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return min(max(0.0, delta), MAX_RETRY_AFTER_S)
 
 
 def error_for_response(response: httpx.Response, *, provider: str, operation: str) -> ProviderError:

@@ -22,13 +22,14 @@ import httpx
 from httpcore._utils import is_socket_readable
 
 from worker.breaker import NEONOMICS_AISP, NEONOMICS_PISP, get_breaker
-from worker.http import REQUEST_ID_HEADER, make_async_client, make_client
+from worker.http import MAX_RESPONSE_BYTES, REQUEST_ID_HEADER, ResponseTooLarge, make_async_client, make_client
 from worker.money import AmountError, format_amount, parse_amount
 from worker.providers.base import PROVIDER_LATENCY, PROVIDER_REQUESTS, ProviderClient
 from worker.providers.errors import (
     AuthenticationError,
     CircuitOpenError,
     ConsentError,
+    MalformedResponseError,
     ProviderError,
     error_for_response,
     error_for_transport,
@@ -402,6 +403,9 @@ class AsyncNeonomicsClient:
                     response = await self._shards[shard].request(method, path, **kwargs)
                 finally:
                     self._inflight[shard] -= 1
+            except ResponseTooLarge:
+                raise MalformedResponseError(f"response larger than {MAX_RESPONSE_BYTES} bytes",
+                                             provider=self.provider, operation=operation) from None
             except httpx.TransportError as exc:
                 raise error_for_transport(exc, provider=self.provider, operation=operation) from None
             if not response.is_success:
