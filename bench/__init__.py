@@ -4,5 +4,6 @@ BENCHMARKS = {
     "aisp": ("bench.aisp_refresh", "AISP refresh throughput: accounts/s against the sandbox at 100 ms latency"),
     "fanout": ("bench.fanout", "AISP fan-out for 1 M accounts: outbox rows, relay to Redis, Redis memory"),
     "report": ("bench.report", "everything above in one run: table, docs/benchmarks.md, docs/benchmarks.png"),
+    "relay_memory": ("bench.relay_memory", "relay RSS before/peak/after relaying rows at the 2 MiB size limit"),
     "kyc": ("bench.kyc", "KYC webhooks vs the Dramatiq no-op limit and vs Celery; latency, soak, profile"),
 }
