@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import dramatiq
 import psycopg
 import pytest
 
@@ -22,35 +23,49 @@ pytest_plugins: list[str] = []
 if (Path(__file__).parent / "conftest_sandbox.py").exists():
     pytest_plugins.append("tests.conftest_sandbox")
 
-# --- session: servers and the broker (before anything imports `jobs`) ----------------------
+# --- session: servers and the broker (before any test module imports `jobs`) ----------------
 
 os.environ.setdefault("DROP_ENV", "development")
-_embedded = None
-if not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
-    from worker.embedded import ensure_services
-
-    _embedded = ensure_services(
-        os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL"), Path(tempfile.mkdtemp(prefix="drop-test-"))
-    )
-    os.environ["DATABASE_URL"] = _embedded.database_url or ""
-    os.environ["REDIS_URL"] = _embedded.redis_url or ""
-
-BASE_DATABASE_URL = os.environ["DATABASE_URL"]
-BASE_REDIS_URL = os.environ["REDIS_URL"]
 os.environ.setdefault("DROP_DATA_DIR", tempfile.mkdtemp(prefix="drop-test-data-"))
+BASE_DATABASE_URL = os.environ.get("DATABASE_URL", "")
+BASE_REDIS_URL = os.environ.get("REDIS_URL", "")
+UNIT_TIER = Path(__file__).parent / "unit"
+_embedded = None
 
-import dramatiq  # noqa: E402
 
-from worker import broker as broker_module  # noqa: E402
-from worker.settings import get_settings  # noqa: E402
+def _unit_only(config: pytest.Config) -> bool:
+    """Only tests/unit was asked for: that tier needs no PostgreSQL, Redis or network."""
+    paths = [Path(str(a).split("::")[0]) for a in config.args] or [Path("tests")]
+    root = Path(str(config.rootpath))
+    return all((p if p.is_absolute() else root / p).resolve().is_relative_to(UNIT_TIER.resolve()) for p in paths)
 
-# Tests run jobs with dramatiq.Worker inside the test process; the Prometheus middleware and the
-# relay fork belong to the `dramatiq` CLI's process model, so the test broker leaves them out.
-_test_broker = broker_module.build_broker(metrics=False)
-_test_broker._drop_worker = True  # type: ignore[attr-defined]
-dramatiq.set_broker(_test_broker)
 
-import jobs  # noqa: E402
+def pytest_configure(config: pytest.Config) -> None:
+    global _embedded, BASE_DATABASE_URL, BASE_REDIS_URL
+    if _unit_only(config):
+        # A broker still needs a URL to be built (it connects only when used): one that cannot work.
+        os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:1/0")
+    elif not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
+        from worker.embedded import ensure_services
+
+        _embedded = ensure_services(
+            os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL"), Path(tempfile.mkdtemp(prefix="drop-test-"))
+        )
+        os.environ["DATABASE_URL"] = _embedded.database_url or ""
+        os.environ["REDIS_URL"] = _embedded.redis_url or ""
+    BASE_DATABASE_URL = os.environ.get("DATABASE_URL", "")
+    BASE_REDIS_URL = os.environ["REDIS_URL"]
+
+    from worker import broker as broker_module
+    from worker.settings import get_settings
+
+    get_settings.cache_clear()
+    # Tests run jobs with dramatiq.Worker inside the test process; the Prometheus middleware and
+    # the relay fork belong to the `dramatiq` CLI's process model, so the test broker leaves them out.
+    test_broker = broker_module.build_broker(metrics=False)
+    test_broker._drop_worker = True  # type: ignore[attr-defined]
+    dramatiq.set_broker(test_broker)
+    import jobs  # noqa: F401  (registers the actors on the test broker)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -66,6 +81,7 @@ def with_search_path(url: str, schema: str) -> str:
 def _reset_clients() -> None:
     from db.pool import close_pool
     from worker.redis_client import reset_redis
+    from worker.settings import get_settings
 
     close_pool()
     reset_redis()
@@ -80,6 +96,8 @@ def redis_namespace(monkeypatch) -> Iterator[str]:
     ns = f"t{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("DROP_REDIS_NAMESPACE", ns)
     _reset_clients()
+    import jobs
+
     jobs.broker.namespace = f"{ns}-dramatiq"
     yield ns
     import redis
@@ -126,6 +144,8 @@ def sql(db):
 
 @pytest.fixture
 def broker(redis_namespace):
+    import jobs
+
     jobs.broker.flush_all()
     return jobs.broker
 
