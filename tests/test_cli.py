@@ -72,3 +72,24 @@ def test_dlq_list_show_replay_purge(db, sql, worker, relay, capsys):
     assert sql("SELECT count(*) AS n FROM dead_letters WHERE replayed_at IS NULL")[0]["n"] == 0
     assert main(["dlq", "list"]) == 0
     assert "no open dead letters" in capsys.readouterr().out
+
+
+def test_status_in_a_second_shell_finds_the_embedded_servers_of_a_run(db, redis_namespace, tmp_path):
+    """`make run` on embedded servers, `drop-jobs status` in another shell without any URL set."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import BASE_REDIS_URL
+    from worker.cli import write_embedded_env
+
+    written = write_embedded_env(tmp_path, db, BASE_REDIS_URL)
+    assert oct(written.stat().st_mode & 0o777) == "0o600"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(DROP_DATA_DIR=str(tmp_path), DROP_REDIS_NAMESPACE=redis_namespace)
+    proc = subprocess.run([sys.executable, "-m", "worker.cli", "status"], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "using the embedded PostgreSQL and Redis of the running `drop-jobs run`" in proc.stderr
+    assert "Traceback" not in proc.stderr and "OUTBOX" in proc.stdout

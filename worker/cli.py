@@ -232,6 +232,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"drop-jobs: {error}", file=sys.stderr)
         return 2
     env = dict(os.environ, DATABASE_URL=services.database_url or "", REDIS_URL=services.redis_url or "")
+    embedded_env = None
+    if not (settings.database_url and settings.redis_url):
+        # Where a `drop-jobs status` in a second shell finds the embedded servers of this run.
+        embedded_env = write_embedded_env(settings.data_dir, env["DATABASE_URL"], env["REDIS_URL"])
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Procfile lines say `python`: make that the interpreter drop-jobs runs under (the venv's).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -271,6 +275,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         manager.loop()  # until Ctrl-C / SIGTERM, or one process exits: then all are stopped
         finished.set()
     finally:
+        if embedded_env is not None:
+            embedded_env.unlink(missing_ok=True)
         services.stop()
         print("drop-jobs: stopped", flush=True)
     # Stopped by Ctrl-C / SIGTERM (honcho reports 130 / 143): that is a clean stop, not an error.
@@ -278,6 +284,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # --- entry point ---------------------------------------------------------------------------
+
+EMBEDDED_ENV_FILE = "embedded.env"
+
+
+def write_embedded_env(data_dir: Path, database_url: str, redis_url: str) -> Path:
+    """The running embedded servers' URLs, for the CLI in another shell (mode 0600, local only)."""
+    path = data_dir.resolve() / EMBEDDED_ENV_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(f"DATABASE_URL={database_url}\nREDIS_URL={redis_url}\n")
+    return path
+
+
+def use_embedded_servers_of_a_run() -> str | None:
+    """With DATABASE_URL/REDIS_URL unset, take those of a `drop-jobs run` of this checkout that
+    is running (its data dir's embedded.env); return the file used, or None."""
+    if os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"):
+        return None
+    path = Path(os.environ.get("DROP_DATA_DIR", ".data")).resolve() / EMBEDDED_ENV_FILE
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, value = line.partition("=")
+        if name in ("DATABASE_URL", "REDIS_URL") and value and not os.environ.get(name):
+            os.environ[name] = value
+    get_settings.cache_clear()
+    return str(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "run" and (found := use_embedded_servers_of_a_run()):
+        print(f"drop-jobs: using the embedded PostgreSQL and Redis of the running `drop-jobs run` ({found})",
+              file=sys.stderr)
     try:
         get_settings()
     except ConfigurationError as error:
