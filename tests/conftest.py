@@ -26,11 +26,14 @@ if (Path(__file__).parent / "conftest_sandbox.py").exists():
 # --- session: servers and the broker (before any test module imports `jobs`) ----------------
 
 os.environ.setdefault("DROP_ENV", "development")
-os.environ.setdefault("DROP_DATA_DIR", tempfile.mkdtemp(prefix="drop-test-data-"))
+_own_data_dir = None if os.environ.get("DROP_DATA_DIR") else tempfile.mkdtemp(prefix="drop-test-data-")
+if _own_data_dir:
+    os.environ["DROP_DATA_DIR"] = _own_data_dir
 BASE_DATABASE_URL = os.environ.get("DATABASE_URL", "")
 BASE_REDIS_URL = os.environ.get("REDIS_URL", "")
 UNIT_TIER = Path(__file__).parent / "unit"
 _embedded = None
+_embedded_dir_of: list[Path | None] = [None]
 
 
 def _unit_only(config: pytest.Config) -> bool:
@@ -48,9 +51,9 @@ def pytest_configure(config: pytest.Config) -> None:
     elif not os.environ.get("DATABASE_URL") or not os.environ.get("REDIS_URL"):
         from worker.embedded import ensure_services
 
-        _embedded = ensure_services(
-            os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL"), Path(tempfile.mkdtemp(prefix="drop-test-"))
-        )
+        _embedded_dir = Path(tempfile.mkdtemp(prefix="drop-test-"))
+        _embedded = ensure_services(os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL"), _embedded_dir)
+        _embedded_dir_of[0] = _embedded_dir
         os.environ["DATABASE_URL"] = _embedded.database_url or ""
         os.environ["REDIS_URL"] = _embedded.redis_url or ""
     BASE_DATABASE_URL = os.environ.get("DATABASE_URL", "")
@@ -69,8 +72,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
     if _embedded is not None:
         _embedded.stop()
+    # Nothing left behind: the embedded servers' cluster (about 100 MB) and the data folder.
+    for leftover in (_embedded_dir_of[0], _own_data_dir):
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def with_search_path(url: str, schema: str) -> str:

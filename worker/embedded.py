@@ -47,6 +47,9 @@ class EmbeddedServices:
                 pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self._pg.pgdata, user=self._pg.system_user)  # type: ignore[attr-defined]
             except Exception:  # best effort at shutdown
                 log.warning("embedded PostgreSQL did not stop cleanly")
+            # Stopped: pgserver's own exit hook must not try again (it would log an ERROR that
+            # pg_ctl found no server, the last line of every clean Ctrl-C).
+            self._pg.cleanup_mode = None  # type: ignore[attr-defined]
             self._pg = None
 
 
