@@ -1,6 +1,6 @@
 """drop-worker's jobs. Importing this package installs the broker and registers every actor.
 
-Names are the enqueue contract (DESIGN.md). Python callers enqueue with `jobs.enqueue()`, which
+Names are the enqueue contract (docs/enqueue.md). Python callers enqueue with `jobs.enqueue()`, which
 writes the outbox row (in the caller's transaction when a connection is given); the relay
 moves it to the broker. Nothing reaches Redis that PostgreSQL does not know about first.
 """

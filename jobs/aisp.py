@@ -1,4 +1,4 @@
-"""AISP: the 4-a-day unattended balance refresh and user-initiated balance reads (issue 6).
+"""AISP: the 4-a-day unattended balance refresh and user-initiated balance reads.
 
 Jobs (names and payloads are the enqueue contract, docs/aisp.md):
 

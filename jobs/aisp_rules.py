@@ -31,7 +31,7 @@ SLOT_MINUTE = 15
 DEFAULT_SPREAD_S = 3600
 MAX_SPREAD_S = 5 * 3600
 
-# Only these balance types are a usable cached balance, in this order (issue 6, seed 000 §3.2).
+# Only these balance types are a usable cached balance, in this order (docs/aisp.md).
 BALANCE_ORDER = ("expected", "interimAvailable", "closingBooked")
 
 

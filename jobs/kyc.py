@@ -4,7 +4,7 @@ Shape (house style): the actors are thin — load, decide with pure functions, a
 transaction. Everything above the "effects" line is pure (no I/O) and unit-tested on its own.
 
     payload → verify_delivery (size, digest) → parse_event (JSON, fields, event time, event id)
-            → decide (status map of seed 000 §3.4) → apply_event (one transaction)
+            → decide (status map of docs/kyc.md) → apply_event (one transaction)
 
 Exactly once: `processed_events (event_id, 'kyc.sumsub_webhook')` is inserted first in the
 effect transaction; a second delivery (or a second worker at the same moment, which waits on the
@@ -322,7 +322,7 @@ def parse_event(raw: bytes, *, now: datetime | None = None) -> Event:
     return Event(event_id, event_type, applicant_id, event_at, answer, reject_type, labels, correlation)
 
 
-# --- pure: the status map (seed 000 §3.4) -------------------------------------------------
+# --- pure: the status map (docs/kyc.md) -------------------------------------------------
 
 
 @dataclass(frozen=True)

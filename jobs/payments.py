@@ -5,8 +5,8 @@ transaction, ask these functions what to do, and apply the answer in one Postgre
 transaction. Keeping the rules here means they are unit-tested without a database, a broker or
 a clock (tests/jobs/test_payment_rules.py).
 
-Status map (DESIGN.md, Berlin Group NextGenPSD2 `transactionStatus`):
-ACCP, ACSP, ACSC, ACCC, ACWC → completed (seed 000 §5.2 completes on ACCP);
+Status map (docs/payments.md, Berlin Group NextGenPSD2 `transactionStatus`):
+ACCP, ACSP, ACSC, ACCC, ACWC → completed (docs/payments.md completes on ACCP);
 RJCT, CANC → failed; RCVD, PDNG, ACTC, ACFC, PATC, PART and any unknown code → pending.
 """
 

@@ -1,6 +1,6 @@
 """SCA timeout expiry: `sca.expire_timeouts` (every minute; docs/payments.md).
 
-A payment still `processing` past `created_at + SCA_TIMEOUT_SECONDS` (seed 000 §5.2: no SCA
+A payment still `processing` past `created_at + SCA_TIMEOUT_SECONDS` (docs/payments.md: no SCA
 callback in time) is, under its row lock and in one PostgreSQL transaction:
 
 1. polled once: a final status at the bank wins (an accepted payment is never failed);

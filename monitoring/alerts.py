@@ -4,7 +4,7 @@
                key="error-spike", runbook="error-spike")
     resolve_alert("error-spike")
 
-What on-call gets (seed 001 §5.5), in Slack #drop-ops and always in the log:
+What on-call gets (docs/monitoring.md), in Slack #drop-ops and always in the log:
 
     🚨 Drop Production Alert — Critical
     Title: Error spike detected

@@ -113,7 +113,7 @@ class SystemCollector(Collector):
         yield open_
         yield opened
         # Seed 000 §7.1 name, kept verbatim.
-        yield _gauge("pisp_circuit_open", "1 while the Neonomics PISP breaker is open (seed 000 §7.1)", value=pisp)
+        yield _gauge("pisp_circuit_open", "1 while the Neonomics PISP breaker is open (docs/monitoring.md)", value=pisp)
 
     def _postgres(self) -> Iterator[Metric]:
         from monitoring.probes import database_state

@@ -5,7 +5,7 @@ that has held for its `for_s` raises `send_alert(key=…)` — deduplicated acro
 by Redis, re-sent only after the cooldown while it keeps firing; a condition that stops firing
 sends one "resolved". A probe that fails yields nothing, so "unknown" never resolves an alert.
 
-Thresholds follow seed 000 §7.1 / DESIGN.md; docs/runbook.md has a section per key.
+Thresholds follow docs/monitoring.md; docs/runbook.md has a section per key.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from monitoring.alerts import Severity, active_since, forget_once, once, resolve
 
 log = logging.getLogger("monitor.rules")
 
-BREAKER_LONG_OPEN_S = 300  # open > 5 min → Sentry HIGH (DESIGN.md)
+BREAKER_LONG_OPEN_S = 300  # open > 5 min → Sentry HIGH (docs/monitoring.md)
 SCHEDULER_SILENT_FOR_S = 60
 WORKERS_DOWN_FOR_S = 60
 OUTBOX_STUCK_AGE_S = 300
@@ -70,7 +70,7 @@ def breakers() -> Iterator[Condition]:
                    f"({status.state}). Jobs keep their cached state and retry later.")
         yield Condition(key, status.is_open, Severity.CRITICAL, f"Circuit breaker open: {name}", message,
                         runbook="circuit-breaker-open", sentry=False)
-        # DESIGN.md: open for more than 5 minutes → a HIGH event in Sentry (once per incident).
+        # docs/monitoring.md: open for more than 5 minutes → a HIGH event in Sentry (once per incident).
         if status.is_open:
             since = active_since(key)
             if since is not None and time.time() - since > BREAKER_LONG_OPEN_S and once(f"long-open:{name}", 86_400):

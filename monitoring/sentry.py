@@ -1,7 +1,7 @@
 """Sentry for every process kind: `init_sentry("worker" | "scheduler" | "monitor")`.
 
 - environment = DROP_ENV; traces sampled 100 % outside production, 10 % in production
-  (seed 000 §7.2); `send_default_pii=False`; no local variables, no request bodies.
+  (docs/monitoring.md); `send_default_pii=False`; no local variables, no request bodies.
 - Jobs are covered by Sentry's Dramatiq integration (monitoring.middleware.SentryJobs is that
   integration's middleware, in the broker's stack from the start, so a worker that initialises
   Sentry at process boot still reports its jobs); each job event carries `request_id` and `job`.

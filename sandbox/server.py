@@ -274,7 +274,7 @@ async def balances(request: web.Request) -> web.Response:
         return _bg_error(400, "FORMAT_ERROR", "X-Consent-ID missing")
     account = _account(state, request.match_info["account_id"])
     if account["consent"] == "expired":
-        return _bg_error(403, "CONSENT_EXPIRED")  # seed 000 §3.2 says 403
+        return _bg_error(403, "CONSENT_EXPIRED")  # docs/providers.md: 403
     if account["consent"] == "invalid":
         return _bg_error(401, "CONSENT_INVALID")
     if account["consent_id"] and account["consent_id"] != consent_id:
@@ -437,7 +437,7 @@ async def applicant_status(request: web.Request) -> web.Response:
         body["reviewResult"] = review["reviewResult"]
         body["reviewDate"] = review.get("reviewDate")
     if applicant["riskScore"] is not None:
-        body["riskScore"] = applicant["riskScore"]  # sandbox extension (seed 001 §3.6)
+        body["riskScore"] = applicant["riskScore"]  # sandbox extension (docs/sandbox.md)
     return web.json_response(body)
 
 

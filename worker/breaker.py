@@ -25,7 +25,7 @@ errors; `worker.retry.is_transient`). A 4xx is a working provider answering "no"
 count, and a 4xx answer to the half-open trial closes the circuit.
 
 Each transition is published for the monitor: Redis stream + pub/sub channel
-`<ns>:breaker:events`, gauges `drop_circuit_breaker_open{breaker}` and (seed 000 name)
+`<ns>:breaker:events`, gauges `drop_circuit_breaker_open{breaker}` and (the name in docs/monitoring.md)
 `pisp_circuit_open`, and counter `drop_circuit_breaker_transitions_total`. If Redis is
 unreachable the breaker lets calls through (fails open) and logs: losing Redis must not stop
 payments from being polled.

@@ -2,7 +2,7 @@
 the provider sandbox, with progress printed until every outcome is in PostgreSQL.
 
 - KYC: each demo user gets a Sumsub applicant at the sandbox; the sandbox's mock review (90 %
-  GREEN, seed 001 §3.6) sends a signed webhook into `job_outbox`, as the web tier would.
+  GREEN, docs/sandbox.md) sends a signed webhook into `job_outbox`, as the web tier would.
 - AISP: a user-initiated balance refresh per account (the sandbox answers after its latency).
 - PISP: one payment the user confirms at the bank (polled to `completed`), and one never
   confirmed, which `sca.expire_timeouts` fails with SCA_TIMEOUT at the next minute.

@@ -1,6 +1,6 @@
 """The one httpx client factory (sync and async) for every outbound provider call.
 
-- Timeouts: `ATTEMPT_TIMEOUT_S` (30 s, seed §3.3) for read/write/pool, a shorter connect timeout.
+- Timeouts: `ATTEMPT_TIMEOUT_S` (30 s, docs/providers.md) for read/write/pool, a shorter connect timeout.
 - Connection pooling: one client per provider client object, reused across calls and threads.
 - Limits on what comes back: a response body over `MAX_RESPONSE_BYTES` (1 MiB; the providers'
   JSON answers are a few KiB) raises `ResponseTooLarge`, and a body still arriving when the

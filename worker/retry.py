@@ -1,4 +1,4 @@
-"""The retry policy of seed 000 §3.3, in one place.
+"""The retry policy of docs/providers.md, in one place.
 
 Retry only transient failures (provider 500/502/503, timeouts, connection errors, a lost
 database or Redis connection): at most 3 retries, backoff 1 s, 2 s, 4 s with jitter.

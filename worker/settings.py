@@ -1,6 +1,6 @@
 """The one place where configuration is read (12-factor, from the environment).
 
-Every variable of DESIGN.md's table is here. Secrets are `SecretStr`, so printing a
+Every variable of the README's configuration table is here. Secrets are `SecretStr`, so printing a
 Settings object never shows them. `load_settings()` is what processes call at start: it
 validates and, on a problem, exits with one line naming the variable (never its value).
 """
@@ -39,7 +39,7 @@ class ConfigurationError(Exception):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", populate_by_name=True)
 
-    # --- DESIGN.md contract -------------------------------------------------------------
+    # --- the cross-system contract (README: Configuration) ----------------------------
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     drop_env: Environment = Field(default="development", validation_alias="DROP_ENV")

@@ -35,7 +35,7 @@ from worker.providers.errors import (
     error_for_transport,
 )
 
-# Balance types in order of preference (DESIGN.md: prefer `expected`).
+# Balance types in order of preference (docs/aisp.md: prefer `expected`).
 BALANCE_PREFERENCE = ("expected", "interimAvailable", "closingBooked", "interimBooked", "openingBooked")
 TOKEN_REFRESH_MARGIN_S = 60.0
 # Connections of one loop's async client: the in-flight reads of a worker process share them.
@@ -45,7 +45,7 @@ ASYNC_CONNECTIONS_PER_SHARD = 4
 
 @dataclass(frozen=True)
 class NeonomicsPaths:
-    """Endpoint templates (configurable; defaults are seed 000's)."""
+    """Endpoint templates (configurable; defaults: docs/providers.md)."""
 
     token: str = "/auth/token"  # noqa: S105 - a path, not a password
     balances: str = "/v1/accounts/{account_id}/balances"

@@ -1,4 +1,4 @@
-"""Sumsub client (seed 000 §3.4): App-Token request signing, applicant status, webhook digests.
+"""Sumsub client (docs/kyc.md): App-Token request signing, applicant status, webhook digests.
 
 Request signing: `X-App-Access-Sig` = hex HMAC-SHA256(secret key, ts + METHOD + path?query +
 body), with `X-App-Token` and `X-App-Access-Ts` (Unix seconds).
@@ -131,7 +131,7 @@ class ApplicantStatus:
 class Applicant:
     applicant_id: str
     external_user_id: str
-    created: bool  # False when Sumsub already had one for this user (reused, seed 001 §3.7)
+    created: bool  # False when Sumsub already had one for this user (reused, docs/sandbox.md)
 
 
 class SumsubClient(ProviderClient):
