@@ -93,3 +93,22 @@ def test_status_in_a_second_shell_finds_the_embedded_servers_of_a_run(db, redis_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "using the embedded PostgreSQL and Redis of the running `drop-jobs run`" in proc.stderr
     assert "Traceback" not in proc.stderr and "OUTBOX" in proc.stdout
+
+
+def test_unreachable_servers_are_one_line_each_not_tracebacks(db):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import BASE_DATABASE_URL
+
+    wrong_db = BASE_DATABASE_URL.rsplit("/", 1)[0] + "/no_such_database"
+    env = {**os.environ, "DATABASE_URL": wrong_db, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    proc = subprocess.run([sys.executable, "-m", "worker.cli", "status"], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("drop-jobs: PostgreSQL at ") and 'database "no_such_database" does not exist' in lines[0]
+    assert lines[1] == "drop-jobs: Redis at 127.0.0.1:1 is unreachable: ConnectionError (check REDIS_URL)"

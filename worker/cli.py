@@ -360,6 +360,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that need the servers, and whether they need Redis besides PostgreSQL.
+NEEDS_SERVERS = {"status": True, "dlq": True, "enqueue": False, "migrate": False}
+
+
+def unreachable_servers(*, need_redis: bool) -> list[str]:
+    """One line per server that cannot be reached, naming it, where and why (never a URL: it
+    may carry a password), found within a few seconds instead of a pool's 10 s timeout."""
+    import psycopg
+    import redis
+    from psycopg.conninfo import conninfo_to_dict
+
+    from worker.pii import scrub_text
+
+    settings = get_settings()
+    problems = []
+    if settings.database_url:
+        try:
+            where = conninfo_to_dict(settings.database_url)
+            place = f"{where.get('host', 'localhost')}:{where.get('port', 5432)}"
+        except psycopg.Error:
+            place = "?"
+        try:
+            psycopg.connect(settings.database_url, connect_timeout=3).close()
+        except psycopg.Error as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            why = scrub_text(first.rsplit("failed: ", 1)[-1]).removeprefix("FATAL:").strip()
+            problems.append(f"PostgreSQL at {place} is unreachable: {why} (check DATABASE_URL)")
+    if need_redis and settings.redis_url:
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+        except redis.exceptions.RedisError as error:
+            place = f"{client.connection_pool.connection_kwargs.get('host', '?')}:" \
+                    f"{client.connection_pool.connection_kwargs.get('port', '?')}"
+            problems.append(f"Redis at {place} is unreachable: {type(error).__name__} (check REDIS_URL)")
+        finally:
+            client.close()
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "run" and (found := use_embedded_servers_of_a_run()):
@@ -374,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         from worker.logs import setup_logging
 
         setup_logging("WARNING")
+    if args.command in NEEDS_SERVERS:
+        problems = unreachable_servers(need_redis=NEEDS_SERVERS[args.command])
+        for problem in problems:
+            print(f"drop-jobs: {problem}", file=sys.stderr)
+        if problems:
+            return 2
     return int(args.func(args) or 0)
 
 
