@@ -112,3 +112,22 @@ def test_unreachable_servers_are_one_line_each_not_tracebacks(db):
     assert len(lines) == 2 and "Traceback" not in proc.stderr
     assert lines[0].startswith("drop-jobs: PostgreSQL at ") and 'database "no_such_database" does not exist' in lines[0]
     assert lines[1] == "drop-jobs: Redis at 127.0.0.1:1 is unreachable: ConnectionError (check REDIS_URL)"
+
+
+def test_a_second_run_refuses_a_taken_port_before_starting_anything(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "DROP_MONITOR_PORT": str(port), "DROP_DATA_DIR": str(tmp_path)}
+        proc = subprocess.run([sys.executable, "-m", "worker.cli", "run", "--no-demo"], capture_output=True,
+                              text=True, timeout=60, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in proc.stderr and "DROP_MONITOR_PORT" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "postgres").exists()  # nothing was started

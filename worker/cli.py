@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.settings import ConfigurationError, get_settings, load_settings
+from worker.settings import ConfigurationError, Settings, get_settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,6 +226,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     setup_logging()
+    taken = ports_in_use(settings)
+    if taken:
+        for line in taken:
+            print(f"drop-jobs: {line}", file=sys.stderr)
+        return 2
     try:
         services = ensure_services(settings.database_url, settings.redis_url, settings.data_dir)
     except EmbeddedUnavailable as error:
@@ -284,6 +289,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # --- entry point ---------------------------------------------------------------------------
+
+
+def ports_in_use(settings: Settings) -> list[str]:
+    """Before `run` starts anything: each port it needs that something else holds, with the
+    variable to change (a second `make run` beside the first would otherwise die half-way, after
+    its demo had driven the first one's sandbox)."""
+    import socket
+
+    wanted = [("DROP_MONITOR_PORT", settings.monitor_host, settings.monitor_port),
+              ("DROP_WORKER_METRICS_PORT", settings.monitor_host, settings.worker_metrics_port),
+              ("DROP_SCHEDULER_METRICS_PORT", settings.monitor_host, settings.scheduler_metrics_port)]
+    if settings.drop_env == "development":
+        wanted.append(("DROP_SANDBOX_PORT", settings.sandbox_host, settings.sandbox_port))
+    taken = []
+    for variable, host, port in wanted:
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                taken.append(f"port {port} on {host} is already in use (is another `drop-jobs run` running?); "
+                             f"set {variable} to a free port")
+    return taken
 
 EMBEDDED_ENV_FILE = "embedded.env"
 
