@@ -66,11 +66,37 @@ def decode_payload(text: str) -> tuple[object | None, str | None]:
     reason instead of stopping the relay for every other row.
     """
     try:
-        return json.loads(text), None
+        payload = json.loads(text)
     except RecursionError:
         return None, "payload is nested too deeply to decode"
     except ValueError as error:  # includes the int-digits limit and invalid JSON
         return None, f"payload cannot be decoded ({type(error).__name__})"
+    if nesting_depth(payload) > MAX_PAYLOAD_DEPTH:
+        # Decodable here, but encoding it again deeper in the call stack (the broker's message
+        # encoder) could still recurse too far and fail the whole batch.
+        return None, f"payload is nested deeper than {MAX_PAYLOAD_DEPTH} levels"
+    return payload, None
+
+
+MAX_PAYLOAD_DEPTH = 64
+
+
+def nesting_depth(value: object) -> int:
+    """How deeply lists and objects nest in `value` (iterative: no recursion to run out of)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_PAYLOAD_DEPTH:
+            return depth
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _message_for(broker: dramatiq.Broker, row: dict) -> tuple[dramatiq.Message | None, str | None]:

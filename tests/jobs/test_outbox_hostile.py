@@ -37,11 +37,17 @@ def test_poison_rows_deep_json_and_huge_integers_do_not_stop_the_relay(db, sql, 
     assert all(r["relayed_at"] is not None and r["error"] is None for r in good)
     assert {r["error"] for r in bad} == {"payload is nested too deeply to decode",
                                          "payload cannot be decoded (ValueError)"}
+    # Nested just shallow enough to decode, too deep to be sure it encodes again: closed too.
+    insert_raw(sql, "sca.expire_timeouts", '{"a":' * 500 + "1" + "}" * 500, "poison-500-deep")
+    assert drain() == 0
+    assert sql("SELECT error FROM job_outbox WHERE idempotency_key = 'poison-500-deep'")[0]["error"] == \
+        "payload is nested deeper than 64 levels"
     assert all(r["relayed_at"] is None for r in bad)
     # On-call hears of it once (deduplicated), by the existing rejected-rows alert.
     message = json.dumps(slack.wait(1)[0].json())
     assert "Outbox rows rejected" in message
     assert drain() == 0  # closed rows are not picked up again
+    assert len(slack.requests) == 1
 
 
 def test_relay_loop_survives_an_unexpected_exception(db, sql, broker, monkeypatch):
