@@ -242,8 +242,7 @@ def test_retries_exhausted_after_three(sandbox, monkeypatch):
     with pytest.raises(ServerError):
         client(sandbox, retries=3, sleep=sleeps.append).get_balances("acc-1", "c")
     assert sandbox.count("neonomics.balances") == 4
-    assert [round(s) for s in sleeps] in ([1, 2, 4], [1, 2, 5], [1, 3, 4], [1, 3, 5], [2, 2, 4],
-                                          [2, 3, 5], [2, 2, 5], [2, 3, 4], [1, 2, 6], [2, 3, 6])
+    assert len(sleeps) == 3  # base 1 s doubling, up to 50 % jitter each
     assert 1.0 <= sleeps[0] <= 1.5 and 2.0 <= sleeps[1] <= 3.0 and 4.0 <= sleeps[2] <= 6.0
 
 
