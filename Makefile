@@ -25,8 +25,10 @@ test: install
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
+# ruff (pinned), and import-linter's layers contract (pyproject.toml [tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 # Heavier chaos runs (scenario sizes x10, plus a real restart of a private redis-server);
 # figures land in .data/chaos-figures.jsonl for docs/reliability.md.

@@ -33,6 +33,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import Gauge, start_http_server
 
+import jobs
+from db.pool import database_url, transaction
+from worker import alerts
+from worker.logs import setup_logging
+from worker.redis_client import get_redis, key
+from worker.sentry import init_sentry
+from worker.settings import load_settings
+
 log = logging.getLogger("scheduler")
 
 OSLO = ZoneInfo("Europe/Oslo")
@@ -118,8 +126,6 @@ def slot_key(job: str, slot: datetime) -> str:
 
 def fire(schedule: Schedule, slot: datetime, leader: str) -> bool:
     """Enqueue `schedule.job` for `slot` exactly once; False if the slot was already taken."""
-    import jobs
-    from db.pool import transaction
 
     with transaction() as conn:
         # The job first, then the fire that names it: a recorded fire always enqueued something
@@ -145,7 +151,6 @@ def fire(schedule: Schedule, slot: datetime, leader: str) -> bool:
 
 def catch_up(schedule: Schedule, now: datetime, leader: str) -> dict[str, int]:
     """Fire the latest due slot if within grace; record older unfired slots as missed."""
-    from db.pool import transaction
 
     with transaction() as conn:
         row = conn.execute("SELECT max(slot) AS last FROM scheduler_fires WHERE job = %s", (schedule.job,)).fetchone()
@@ -238,7 +243,6 @@ class Leadership:
 
 
 def publish_heartbeat(leadership: Leadership) -> None:
-    from worker.redis_client import get_redis, key
 
     now = time.time()
     HEARTBEAT.set(now)
@@ -258,8 +262,6 @@ class SchedulerService:
         schedules: tuple[Schedule, ...] = SCHEDULES,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        import jobs
-        from db.pool import database_url
 
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.clock = clock or (lambda: datetime.now(OSLO))
@@ -316,10 +318,6 @@ class SchedulerService:
 
 
 def main() -> int:
-    from monitoring import alerts
-    from monitoring.sentry import init_sentry
-    from worker.logs import setup_logging
-    from worker.settings import load_settings
 
     settings = load_settings()
     setup_logging()

@@ -6,7 +6,7 @@ pool (2 worker processes × 8 threads each):
     celery -A bench.celery_app worker --pool threads --concurrency 8 -Q kyc
 
 The task gives the handler what a Dramatiq message gives it: the outbox id, so the row is marked
-done inside the effect transaction exactly as in our worker (jobs.context reads CurrentMessage).
+done inside the effect transaction exactly as in our worker (worker.context reads CurrentMessage).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery
 from dramatiq.middleware import CurrentMessage
 
-import jobs  # noqa: F401  (settings, actors; Celery only replaces the queue system)
+import jobs.app  # noqa: F401  (the composition root: drop-worker's broker and jobs)
 from jobs.kyc import process_webhook
 
 namespace = os.environ.get("BENCH_NAMESPACE", "bench")

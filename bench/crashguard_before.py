@@ -2,14 +2,14 @@
 MULTI/INCR/EXPIRE/EXEC pipeline per message, a lock on every get_redis()), so that
 `python -m bench kyc` measures before and after within one run:
 
-    python -m dramatiq jobs bench.crashguard_before --queues kyc
+    python -m dramatiq jobs.app bench.crashguard_before --queues kyc
 """
 
 from __future__ import annotations
 
 import os
 
-import jobs  # noqa: F401  (the broker and its middleware first)
+import jobs.app  # noqa: F401  (the composition root: drop-worker's broker and jobs)
 from worker import redis_client
 from worker.redelivery import MAX_CRASHES, CrashGuard
 

@@ -1,6 +1,6 @@
 """A no-op actor on drop-worker's own broker (full middleware stack), loaded beside `jobs`:
 
-    python -m dramatiq jobs bench.drop_actors --queues bench
+    python -m dramatiq jobs.app bench.drop_actors --queues bench
 
 The gap between it and bench.noop_raw is the cost of our middleware per message.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dramatiq
 
-import jobs  # noqa: F401  (installs drop-worker's broker first)
+import jobs.app  # noqa: F401  (the composition root: drop-worker's broker and jobs)
 
 
 @dramatiq.actor(actor_name="bench.drop_noop", queue_name="bench")

@@ -6,7 +6,7 @@ What actually happens in production, measured step by step on the real servers:
 
 1. `jobs.aisp.fan_out(slot)` — the scheduler's job: `INSERT … SELECT` into `job_outbox` in keyset
    chunks. This is the enqueue: PostgreSQL holds the (delayed) work from here on.
-2. The relay (`jobs.outbox.drain`, the code the relay fork runs) moving every row to Redis, as
+2. The relay (`worker.relay.drain`, the code the relay fork runs) moving every row to Redis, as
    if all were due at once (spread 0: the worst case; with the default one-hour spread the
    relay moves 1/3600 of them per second). The old one-round-trip-per-message enqueue is timed
    on a sample of the same rows for comparison.
@@ -54,8 +54,9 @@ def _queued(client: redis.Redis, namespace: str) -> tuple[int, int]:
 
 
 def run(accounts: int, sample: int) -> dict[str, Any]:
-    import jobs
-    from jobs import aisp, outbox
+    import jobs.app
+    from jobs import aisp
+    from worker import relay as outbox
 
     with Sandboxed("fanout") as sb:
         seed_s = _seed_accounts(sb, accounts)
@@ -99,7 +100,7 @@ def run(accounts: int, sample: int) -> dict[str, Any]:
         messages, used = _queued(client, sb.namespace)
         relayed = sb.sql("SELECT count(*) FROM job_outbox WHERE relayed_at IS NOT NULL")[0][0]
         client.close()
-        jobs.broker.client.connection_pool.disconnect()
+        jobs.app.broker.client.connection_pool.disconnect()
         old_rate = old_sent / old_s if old_s else float("nan")
         new_rate = new_sent / new_s if new_s else float("nan")
         figures = {
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.accounts, args.sample = min(args.accounts, 100_000), min(args.sample, 10_000)
     embedded = ensure_servers()
-    import jobs  # noqa: F401
+    import jobs.app  # noqa: F401  (the composition root, before any benchmark points it at a namespace)
 
     try:
         figures = run(args.accounts, args.sample)

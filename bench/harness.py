@@ -118,7 +118,7 @@ class Sandboxed:
         os.environ.update({"DATABASE_URL": self.db_url, "DROP_REDIS_NAMESPACE": self.namespace,
                            "DROP_DATA_DIR": str(self.data_dir), "SUMSUB_WEBHOOK_SECRET": WEBHOOK_SECRET})
         _reset_clients(self.namespace)
-        # A running deployment has its broker epoch (jobs.outbox.check_broker_epoch); without it the
+        # A running deployment has its broker epoch (worker.relay.check_broker_epoch); without it the
         # relay would take this fresh namespace for a Redis loss and re-send every preloaded message.
         client = redis.Redis.from_url(self.redis_url)
         client.set(f"{self.namespace}:broker:epoch", uuid.uuid4().hex)

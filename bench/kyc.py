@@ -94,11 +94,11 @@ def insert_outbox(sb: Sandboxed, first: int, n: int, users: int, *, relayed: boo
 
 def preload_drop(rows: list[dict]) -> None:
     """What the relay sends for these rows (same message shape), written to Redis up front."""
-    import jobs
-    from jobs.outbox import _message_for, enqueue_many
+    import jobs.app
+    from worker.relay import _message_for, enqueue_many
 
     for i in range(0, len(rows), 2000):
-        enqueue_many(jobs.broker, [_message_for(jobs.broker, r)[0] for r in rows[i:i + 2000]])
+        enqueue_many(jobs.app.broker, [_message_for(jobs.app.broker, r)[0] for r in rows[i:i + 2000]])
 
 
 def preload_celery(rows: list[dict]) -> None:
@@ -141,7 +141,7 @@ def run_noop_raw(n: int, timeout_s: float = 240) -> dict[str, Any]:
     import dramatiq
     from dramatiq.brokers.redis import RedisBroker
 
-    from jobs.outbox import enqueue_many
+    from worker.relay import enqueue_many
 
     with Sandboxed("noop") as sb:
         raw = RedisBroker(url=sb.redis_url, namespace=f"{sb.namespace}-raw")
@@ -166,14 +166,14 @@ def run_noop_drop(n: int, timeout_s: float = 240) -> dict[str, Any]:
     """The same no-op through drop-worker's middleware stack: what the stack costs per message."""
     import dramatiq
 
-    import jobs
-    from jobs.outbox import enqueue_many
+    import jobs.app
+    from worker.relay import enqueue_many
 
     with Sandboxed("dnoop") as sb:
         msgs = [dramatiq.Message(queue_name="bench", actor_name="bench.drop_noop", args=(i,), kwargs={}, options={})
                 for i in range(n)]
         for i in range(0, n, 5000):
-            enqueue_many(jobs.broker, msgs[i:i + 5000])
+            enqueue_many(jobs.app.broker, msgs[i:i + 5000])
         client = redis.Redis.from_url(sb.redis_url)
         key = f"{sb.namespace}-dramatiq:bench.msgs"
         sb.start_drop_pool(["bench"], ("bench.drop_actors",))
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.harness import ensure_servers
 
     embedded = ensure_servers()
-    import jobs  # noqa: F401  (the drop broker, before any Sandboxed points it at a namespace)
+    import jobs.app  # noqa: F401  (the composition root, before any benchmark points it at a namespace)
 
     only = set(args.only or ["noop", "dnoop", "kyc", "celery", "outbox"])
     results: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
     python -m bench relay_memory [--rows 40]
 
-The relay runs in this process exactly as the relay fork runs it (`jobs.outbox.drain`, real
+The relay runs in this process exactly as the relay fork runs it (`worker.relay.drain`, real
 PostgreSQL and Redis, the 16 MiB byte budget per batch). Rows are 2 MiB each (the CHECK on
 `job_outbox`); the figure to watch is RSS after the drain compared with before it.
 """
@@ -20,8 +20,8 @@ from bench.harness import Sandboxed, ensure_servers
 
 
 def run(rows: int) -> dict[str, float]:
-    import jobs
-    from jobs.outbox import drain
+    import jobs.app
+    from worker.relay import drain
 
     with Sandboxed("relaymem"):
         pad = "m" * (2 * 1024 * 1024 - 40)
@@ -49,7 +49,7 @@ def run(rows: int) -> dict[str, float]:
         sampler.join()
         gc.collect()
         after = me.memory_info().rss
-        jobs.broker.flush_all()
+        jobs.app.broker.flush_all()
     mib = 1024 * 1024
     return {"rows": rows, "sent": sent, "payload_mib": rows * 2, "seconds": round(took, 2),
             "rss_before_mib": round(before / mib, 1), "rss_peak_mib": round(peak / mib, 1),

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.from_json.read_text())
     else:
         embedded = ensure_servers()
-        import jobs  # noqa: F401  (drop-worker's broker, before any benchmark points it at a namespace)
+        import jobs.app  # noqa: F401  (the composition root, before any benchmark points it at a namespace)
 
         try:
             results = run_all(args)

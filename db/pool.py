@@ -3,28 +3,50 @@
 Connections are checked before use, so a PostgreSQL restart costs a retry, not a dead pool.
 `transaction()` is the normal way in: one transaction, committed on success, rolled back on
 any exception.
+
+db/ is the lowest layer, so it does not read settings itself: worker.settings hands it a
+`PoolConfig` source when it is imported (`configure`), and every process imports settings first.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from worker.settings import get_settings
 
+@dataclass(frozen=True)
+class PoolConfig:
+    database_url: str | None
+    max_size: int
+
+
+_config_source: Callable[[], PoolConfig] | None = None
 _lock = threading.Lock()
 _pool: ConnectionPool | None = None
 _pool_pid: int | None = None
 
 
+def configure(source: Callable[[], PoolConfig]) -> None:
+    """Where the pool's settings come from (called by worker.settings; read at each new pool)."""
+    global _config_source
+    _config_source = source
+
+
+def _config() -> PoolConfig:
+    if _config_source is None:
+        raise RuntimeError("db.pool is not configured (import worker.settings first)")
+    return _config_source()
+
+
 def database_url() -> str:
-    url = get_settings().database_url
+    url = _config().database_url
     if not url:
         raise RuntimeError("DATABASE_URL is not set (run through `drop-jobs` or `make run`)")
     return url
@@ -38,7 +60,7 @@ def get_pool() -> ConnectionPool:
             _pool = ConnectionPool(
                 database_url(),
                 min_size=1,
-                max_size=get_settings().db_pool_max_size,
+                max_size=_config().max_size,
                 kwargs={"row_factory": dict_row},
                 check=ConnectionPool.check_connection,
                 timeout=10,

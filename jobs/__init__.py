@@ -1,4 +1,5 @@
-"""drop-worker's jobs. Importing this package installs the broker and registers every actor.
+"""drop-worker's jobs (the domain). Importing this package declares every job on `jobs.registry`
+and builds no broker: `jobs.app` is the composition root.
 
 Names are the enqueue contract (docs/enqueue.md). Python callers enqueue with `jobs.enqueue()`, which
 writes the outbox row (in the caller's transaction when a connection is given); the relay
@@ -13,11 +14,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 
-from worker.broker import setup_broker
+from db import outbox
+from db.outbox import INTERNAL_PRODUCER_CTE
+from db.pool import transaction
+from jobs.registry import registry
+from worker.alerts import send_alert
 
-broker = setup_broker()
+__all__ = ["INTERNAL_PRODUCER_CTE", "ReservedKeyError", "UnknownJobError", "enqueue", "enqueue_internal",
+           "known_jobs", "registry"]
 
 
 class UnknownJobError(ValueError):
@@ -34,7 +39,7 @@ class ReservedKeyError(ValueError):
 
 
 def known_jobs() -> list[str]:
-    return sorted(broker.get_declared_actors())
+    return registry.names()
 
 
 def enqueue(
@@ -51,7 +56,7 @@ def enqueue(
     Pass `conn` to enqueue inside your own transaction (the job exists only if you commit).
     A repeated `idempotency_key` is a no-op: that is how callers make enqueueing exact.
     """
-    if job not in broker.actors:
+    if job not in registry:
         raise UnknownJobError(f"unknown job {job!r}; known: {', '.join(known_jobs())}")
     payload = payload or {}
     if not isinstance(payload, dict):
@@ -63,32 +68,10 @@ def enqueue(
                                "for drop-worker's own producers")
     if available_at is None and delay is not None:
         available_at = datetime.now().astimezone() + delay
-    sql = """INSERT INTO job_outbox (job, payload, idempotency_key, available_at)
-             VALUES (%s, %s, %s, COALESCE(%s, now()))
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING id"""
-    params = (job, Jsonb(payload), key, available_at)
     if conn is not None:
-        row = conn.execute(sql, params).fetchone()
-    else:
-        from db.pool import transaction
-
-        with transaction() as own:
-            row = own.execute(sql, params).fetchone()
-    return None if row is None else _first(row)
-
-
-def _first(row: Any) -> Any:
-    return row["id"] if isinstance(row, dict) else row[0]
-
-
-# The CTE that makes one statement an internal producer's (see migration 0006).
-INTERNAL_PRODUCER_CTE = "producer AS (SELECT job_outbox_as_internal_producer())"
-_INTERNAL_INSERT = f"""WITH {INTERNAL_PRODUCER_CTE}
-    INSERT INTO job_outbox (job, payload, idempotency_key, available_at)
-    SELECT %s, %s, %s, COALESCE(%s, now()) FROM producer
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING id"""
+        return outbox.insert(conn, job, payload, key, available_at)
+    with transaction() as own:
+        return outbox.insert(own, job, payload, key, available_at)
 
 
 def enqueue_internal(
@@ -107,22 +90,14 @@ def enqueue_internal(
     must not suppress the work: on-call is alerted and the job is enqueued under a fresh key.
     """
     full_key = key if key.startswith(RESERVED_KEY_PREFIX) else RESERVED_KEY_PREFIX + key
-    row = conn.execute(_INTERNAL_INSERT, (job, Jsonb(payload), full_key, available_at)).fetchone()
-    if row is not None:
-        return _first(row), True
-    existing = conn.execute(
-        """SELECT id, job, payload, available_at <= COALESCE(%s, now()) + interval '1 minute' AS due_in_time
-             FROM job_outbox WHERE idempotency_key = %s""",
-        (available_at, full_key),
-    ).fetchone()
+    outbox_id = outbox.insert_internal(conn, job, payload, full_key, available_at)
+    if outbox_id is not None:
+        return outbox_id, True
+    existing = outbox.holder_of_key(conn, full_key, available_at)
     if existing is not None:
-        existing = existing if isinstance(existing, dict) else dict(zip(("id", "job", "payload", "due_in_time"),
-                                                                          existing, strict=True))
         if existing["job"] == job and existing["payload"] == json.loads(json.dumps(payload)) \
                 and existing["due_in_time"]:
             return existing["id"], False
-    from monitoring.alerts import send_alert
-
     send_alert(
         "high",
         "Internal job key taken",
@@ -131,9 +106,10 @@ def enqueue_internal(
         key=f"internal-key-taken:{job}",
         runbook="internal-job-key-taken",
     )
-    fresh = conn.execute(_INTERNAL_INSERT, (job, Jsonb(payload), f"{full_key}:{uuid.uuid4().hex}", available_at))
-    return _first(fresh.fetchone()), True
+    fresh = outbox.insert_internal(conn, job, payload, f"{full_key}:{uuid.uuid4().hex}", available_at)
+    assert fresh is not None  # a fresh random key cannot be taken
+    return fresh, True
 
 
-# Register the actors (import for side effects; order does not matter).
-from jobs import aisp, housekeeping, kyc, outbox, pisp, sca  # noqa: E402, F401
+# Declare every family's jobs on the registry (order does not matter).
+from jobs import aisp, housekeeping, kyc, pisp, sca  # noqa: E402, F401

@@ -41,9 +41,13 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from jobs import INTERNAL_PRODUCER_CTE
+from db import outbox
+from db.outbox import INTERNAL_PRODUCER_CTE
+from db.pool import database_url, transaction
 from jobs import aisp_rules as rules
-from jobs.context import note_outbox_done
+from jobs.registry import registry
+from worker.context import note_outbox_done
+from worker.middleware import record_dead_letter
 from worker.providers.errors import (
     AccessExceededError,
     AuthenticationError,
@@ -144,7 +148,6 @@ async def _open_pool(url: str) -> AsyncConnectionPool:
 
 async def get_async_pool() -> AsyncConnectionPool:
     """One async pool per (process, event loop, database URL)."""
-    from db.pool import database_url
 
     loop = asyncio.get_running_loop()
     key = (os.getpid(), database_url())
@@ -175,9 +178,9 @@ _RESERVE = "SELECT * FROM aisp_reserve_read(%s, %s, %s, %s, %s, %s)"
 
 # Success: ledger outcome, cached balance and the outbox row, in one statement (one transaction).
 # The balance is only stored for the consent it was read with, and never over a newer one.
-_APPLY_OK = """
+_APPLY_OK = f"""
 WITH r AS (UPDATE aisp_reads SET outcome = 'ok', http_status = 200 WHERE id = %(read_id)s),
-     o AS (UPDATE job_outbox SET done_at = now() WHERE id = %(outbox_id)s AND done_at IS NULL)
+     o AS ({outbox.MARK_DONE_BY_NAME})
 UPDATE bank_accounts
    SET balance = %(ore)s, balance_synced_at = %(now)s, updated_at = now()
  WHERE id = %(id)s AND consent_id = %(consent_id)s
@@ -271,7 +274,7 @@ async def _refused(row: dict[str, Any], bank_account_id: str, initiated_by: str,
             key = f"drop:aisp:{bank_account_id}:retry:{retry_at.isoformat()}"
             await _one(
                 f"""WITH {INTERNAL_PRODUCER_CTE}
-                    INSERT INTO job_outbox (job, payload, idempotency_key, available_at)
+                    {outbox.INSERT_COLUMNS}
                     SELECT %s, %s, %s, %s FROM producer ON CONFLICT (idempotency_key) DO NOTHING""",
                 (REFRESH_ACCOUNT, Jsonb({"bank_account_id": bank_account_id, "initiated_by": "scheduler"}), key,
                  retry_at),
@@ -334,8 +337,7 @@ async def _failed(row: dict[str, Any], read_id: int, bank_account_id: str, initi
                          account_currency=exc.account_currency, provider_currency=exc.provider_currency)
         if isinstance(exc, ConsentError | AccessExceededError) and outbox_id is not None:
             # A clear, final outcome: done with its effects (cached balance untouched).
-            await conn.execute("UPDATE job_outbox SET done_at = now() WHERE id = %s AND done_at IS NULL",
-                               (outbox_id,))
+            await conn.execute(outbox.MARK_DONE_BY_NAME, {"outbox_id": outbox_id})
     log.warning("aisp read of %s failed: %s", bank_account_id, outcome)
     if isinstance(exc, ConsentError | AccessExceededError):
         raise _Handled(outcome)
@@ -379,7 +381,7 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
 # A sync shell around the coroutine, run on Dramatiq's event loop exactly as an `async def` actor
 # would be: the shell reads the message's outbox id in the worker thread, where CurrentMessage's
 # context variable is set (it is not visible on the loop thread).
-@dramatiq.actor(actor_name=REFRESH_ACCOUNT, queue_name=QUEUE, time_limit=90_000)
+@registry.job(REFRESH_ACCOUNT, queue=QUEUE, time_limit=90_000)
 def refresh_account(bank_account_id: str, initiated_by: str = "scheduler", psu_ip_address: str | None = None,
                     slot: str | None = None) -> None:
     message = CurrentMessage.get_current_message()
@@ -415,11 +417,11 @@ SELECT t.id AS bank_account_id, t.request_id, r.*
 
 # Every successful read of a batch, and the batch's outbox row, in one statement. Same rules as
 # _APPLY_OK: stored only for the consent it was read with, never over a newer sync.
-_APPLY_MANY = """
+_APPLY_MANY = f"""
 WITH v AS (SELECT * FROM unnest(%(read_ids)s::bigint[], %(ids)s::text[], %(ore)s::bigint[],
                                 %(consent_ids)s::text[]) AS v(read_id, id, ore, consent_id)),
      r AS (UPDATE aisp_reads a SET outcome = 'ok', http_status = 200 FROM v WHERE a.id = v.read_id),
-     o AS (UPDATE job_outbox SET done_at = now() WHERE id = %(outbox_id)s AND done_at IS NULL)
+     o AS ({outbox.MARK_DONE_BY_NAME})
 UPDATE bank_accounts b
    SET balance = v.ore, balance_synced_at = %(now)s, updated_at = now()
   FROM v
@@ -431,7 +433,7 @@ UPDATE bank_accounts b
 # PostgreSQL, with the per-account key the fan-out used to use (so at most one per slot).
 _HAND_OFF = f"""
 WITH {INTERNAL_PRODUCER_CTE}
-INSERT INTO job_outbox (job, payload, idempotency_key, available_at)
+{outbox.INSERT_COLUMNS}
 SELECT %(job)s, %(payload)s, %(key)s, now() + make_interval(secs => %(delay_s)s) FROM producer
 ON CONFLICT (idempotency_key) DO NOTHING
 """
@@ -540,7 +542,6 @@ async def _after_failure(bank_account_id: str, slot: datetime, exc: BaseExceptio
     if is_transient(exc):
         await _hand_off(bank_account_id, slot, FIRST_BACKOFF_MS / 1000 * random.uniform(1.0, 1.5))
         return
-    from worker.middleware import record_dead_letter
 
     message = dramatiq.Message(queue_name=QUEUE, actor_name=REFRESH_ACCOUNT, args=(), options={},
                                kwargs={"bank_account_id": bank_account_id, "initiated_by": "scheduler",
@@ -548,7 +549,7 @@ async def _after_failure(bank_account_id: str, slot: datetime, exc: BaseExceptio
     await asyncio.get_running_loop().run_in_executor(None, record_dead_letter, message, exc)
 
 
-@dramatiq.actor(actor_name=REFRESH_BATCH, queue_name=QUEUE, time_limit=120_000)
+@registry.job(REFRESH_BATCH, queue=QUEUE, time_limit=120_000)
 def refresh_batch(bank_account_ids: list[str], slot: str) -> None:
     """The fan-out's job: scheduler reads of the accounts due in one second of the slot."""
     message = CurrentMessage.get_current_message()
@@ -578,7 +579,7 @@ WITH {INTERNAL_PRODUCER_CTE}, batch AS (
 ), grouped AS (
     SELECT id, off, (row_number() OVER (PARTITION BY off ORDER BY id) - 1) / %(batch_size)s AS part FROM placed
 ), ins AS (
-    INSERT INTO job_outbox (job, payload, idempotency_key, available_at)
+    {outbox.INSERT_COLUMNS}
     SELECT %(job)s,
            jsonb_build_object('bank_account_ids', jsonb_agg(id ORDER BY id), 'slot', %(slot)s::text),
            'drop:aisp:batch:' || %(slot)s::text || ':' || off || ':' || min(id),
@@ -615,7 +616,6 @@ def fan_out(slot: datetime, *, spread_s: int = rules.DEFAULT_SPREAD_S, chunk: in
     `INSERT … SELECT` in its own short transaction; idempotent (keys
     `aisp:batch:<slot>:<offset>:<first account>`), so a re-run or a crash half-way enqueues
     nothing twice."""
-    from db.pool import transaction
 
     slot_text = slot.astimezone(rules.OSLO).isoformat()
     after, total = "", 0
@@ -633,7 +633,7 @@ def fan_out(slot: datetime, *, spread_s: int = rules.DEFAULT_SPREAD_S, chunk: in
     return total
 
 
-@dramatiq.actor(actor_name="aisp.refresh_all", queue_name=QUEUE, time_limit=600_000)
+@registry.job("aisp.refresh_all", queue=QUEUE, time_limit=600_000)
 def refresh_all(slot: str | None = None, spread_s: int | None = None) -> None:
     try:
         spread = rules.clamp_spread(spread_s)

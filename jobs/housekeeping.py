@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-import dramatiq
-
+from db import outbox
 from db.pool import transaction
+from jobs.registry import registry
 
 log = logging.getLogger(__name__)
 
@@ -25,25 +25,19 @@ OPEN_DEAD_LETTER_RETENTION = timedelta(days=90)
 
 def prune() -> dict[str, int]:
     """Delete what has outlived its purpose; return the counts per table."""
-    statements = {
-        "processed_events": ("DELETE FROM processed_events WHERE processed_at < now() - %s", DEDUP_WINDOW),
-        "job_outbox": ("DELETE FROM job_outbox WHERE done_at < now() - %s", OUTBOX_RETENTION),
-        "job_outbox_failed": (
-            "DELETE FROM job_outbox WHERE done_at IS NULL AND error IS NOT NULL AND created_at < now() - %s",
-            OPEN_DEAD_LETTER_RETENTION,
-        ),
-        "dead_letters": ("DELETE FROM dead_letters WHERE replayed_at < now() - %s", DEAD_LETTER_RETENTION),
-        "dead_letters_open": (
-            "DELETE FROM dead_letters WHERE replayed_at IS NULL AND failed_at < now() - %s",
-            OPEN_DEAD_LETTER_RETENTION,
-        ),
-        "scheduler_fires": ("DELETE FROM scheduler_fires WHERE fired_at < now() - %s", SCHEDULER_HISTORY),
-    }
     with transaction() as conn:
-        return {name: conn.execute(sql, (age,)).rowcount for name, (sql, age) in statements.items()}
+        counts = {
+            "processed_events": conn.execute(
+                "DELETE FROM processed_events WHERE processed_at < now() - %s", (DEDUP_WINDOW,)).rowcount,
+            **outbox.prune(conn, done_for=OUTBOX_RETENTION, failed_for=OPEN_DEAD_LETTER_RETENTION,
+                           replayed_for=DEAD_LETTER_RETENTION, open_for=OPEN_DEAD_LETTER_RETENTION),
+            "scheduler_fires": conn.execute(
+                "DELETE FROM scheduler_fires WHERE fired_at < now() - %s", (SCHEDULER_HISTORY,)).rowcount,
+        }
+    return counts
 
 
-@dramatiq.actor(actor_name="housekeeping.prune", queue_name="maintenance", max_retries=3)
+@registry.job("housekeeping.prune", queue="maintenance", max_retries=3)
 def prune_job(slot: str | None = None) -> None:
     counts = prune()
     log.info("housekeeping pruned %s", counts)

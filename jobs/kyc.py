@@ -31,13 +31,20 @@ from typing import Any
 
 import dramatiq
 import psycopg
+from dramatiq.middleware import CurrentMessage
 from prometheus_client import Counter
 from psycopg.types.json import Jsonb
 
 from db.pool import transaction
-from jobs.context import mark_outbox_done, request_id
+from jobs import enqueue_internal
+from jobs.registry import registry
+from worker.alerts import send_alert
+from worker.context import mark_outbox_done, request_id
+from worker.providers import get_sumsub
+from worker.providers.errors import CircuitOpenError, ProviderError
 from worker.providers.sumsub import DEFAULT_DIGEST_ALG, DigestResult, check_webhook_digest
 from worker.retry import MAX_RETRIES, PermanentError, should_retry
+from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +461,6 @@ def apply_event(conn: psycopg.Connection, event: Event, decision: Decision) -> s
         conn.execute("INSERT INTO notifications (user_id, kind, message) VALUES (%s, %s, %s)",
                      (user["id"], kind, message))
     if decision.aml_check:
-        from jobs import enqueue_internal
 
         enqueue_internal("kyc.aml_check", {"applicant_id": event.applicant_id, "user_id": user["id"],
                                            "event_id": event.event_id},
@@ -466,7 +472,6 @@ def apply_event(conn: psycopg.Connection, event: Event, decision: Decision) -> s
 
 
 def _webhook_secret() -> bytes:
-    from worker.settings import get_settings
 
     secret = get_settings().sumsub_webhook_secret
     return secret.get_secret_value().encode() if secret else b""
@@ -521,7 +526,6 @@ def process_webhook(body: object, headers: object, received_at: object = None) -
 
 
 def _runbook(anchor: str) -> str:
-    from worker.settings import get_settings
 
     return get_settings().runbook_url.rsplit("/", 1)[0] + f"/kyc.md#{anchor}"
 
@@ -533,7 +537,6 @@ def record_stale(event: Event) -> None:
         _audit(conn, user["id"] if user else None, "kyc.event_stale",
                {**_event_details(event), "replay_window_s": int(REPLAY_WINDOW.total_seconds())})
         mark_outbox_done(conn)
-    from monitoring.alerts import send_alert
 
     send_alert("warning", "Stale Sumsub webhook ignored",
                f"A Sumsub {event.type} event older than the {REPLAY_WINDOW} replay window was recorded "
@@ -543,7 +546,6 @@ def record_stale(event: Event) -> None:
 
 
 def _alert_status_taken_back(event: Event, decision: Decision) -> None:
-    from monitoring.alerts import send_alert
 
     send_alert("high", decision.alert or "KYC status changed by Sumsub",
                f"Sumsub sent {event.type} for applicant {event.applicant_id}: the user's KYC status is now "
@@ -553,7 +555,6 @@ def _alert_status_taken_back(event: Event, decision: Decision) -> None:
 
 
 def _alert_rejection(delivery: Delivery) -> None:
-    from monitoring.alerts import send_alert
 
     # One alert per cooldown: a burst usually means SUMSUB_WEBHOOK_SECRET no longer matches.
     send_alert("warning", "Sumsub webhook rejected",
@@ -563,7 +564,7 @@ def _alert_rejection(delivery: Delivery) -> None:
                key="kyc-webhook-rejected", runbook=_runbook("webhook-rejected"))
 
 
-@dramatiq.actor(actor_name="kyc.sumsub_webhook", queue_name=QUEUE, max_retries=MAX_RETRIES)
+@registry.job("kyc.sumsub_webhook", queue=QUEUE, max_retries=MAX_RETRIES)
 def sumsub_webhook(body: object = None, headers: object = None, received_at: object = None,
                    **unexpected: Any) -> None:
     """`{body, headers, received_at}`: verify, dedupe, order, apply (docs/kyc.md)."""
@@ -574,7 +575,6 @@ def sumsub_webhook(body: object = None, headers: object = None, received_at: obj
 
 
 def _attempts_so_far() -> int:
-    from dramatiq.middleware import CurrentMessage
 
     message = CurrentMessage.get_current_message()
     return int(message.options.get("retries", 0)) if message is not None else 0
@@ -587,7 +587,6 @@ def aml_result(labels: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
 
 
 def _alert_hit(applicant_id: str, labels: tuple[str, ...], categories: tuple[str, ...]) -> None:
-    from monitoring.alerts import send_alert
 
     hits = [x for x in labels if x in COMPLIANCE_LABELS]
     send_alert(
@@ -600,7 +599,6 @@ def _alert_hit(applicant_id: str, labels: tuple[str, ...], categories: tuple[str
 
 
 def _alert_failed(applicant_id: str, exc: BaseException) -> None:
-    from monitoring.alerts import send_alert
 
     send_alert(
         "high", "AML check could not run",
@@ -613,8 +611,6 @@ def _alert_failed(applicant_id: str, exc: BaseException) -> None:
 
 def run_aml_check(applicant_id: object, user_id: object, event_id: object) -> str:
     """The AML job without Dramatiq: returns the outcome or raises (typed)."""
-    from worker.providers import get_sumsub
-    from worker.providers.errors import CircuitOpenError, ProviderError
 
     if not isinstance(applicant_id, str) or not _SAFE_ID.fullmatch(applicant_id):
         raise MalformedAmlJob("applicant_id is missing or malformed")
@@ -677,7 +673,7 @@ def run_aml_check(applicant_id: object, user_id: object, event_id: object) -> st
     return outcome
 
 
-@dramatiq.actor(actor_name="kyc.aml_check", queue_name=QUEUE, max_retries=MAX_RETRIES)
+@registry.job("kyc.aml_check", queue=QUEUE, max_retries=MAX_RETRIES)
 def aml_check(applicant_id: object = None, user_id: object = None, event_id: object = None,
               **unexpected: Any) -> None:
     """`{applicant_id, user_id, event_id}`: read the review from Sumsub, record an `aml` row,

@@ -28,9 +28,13 @@ import psycopg
 from prometheus_client import Counter, Histogram
 from psycopg.types.json import Jsonb
 
+import jobs
 from db.pool import transaction
 from jobs import payments as rules
-from jobs.context import mark_outbox_done, request_id
+from jobs.registry import registry
+from worker.alerts import send_alert
+from worker.context import mark_outbox_done, request_id
+from worker.providers import get_neonomics
 from worker.providers.errors import (
     CircuitOpenError,
     NotFoundError,
@@ -205,7 +209,6 @@ def poll_key(transaction_id: str, due: datetime) -> str:
 
 def schedule_poll(conn: psycopg.Connection, transaction_id: str, due: datetime) -> None:
     """The outbox row of the poll due at `due` (deduplicated on transaction + due time)."""
-    import jobs
 
     jobs.enqueue_internal(POLL_JOB, {"transaction_id": transaction_id, "due": due.isoformat()},
                           key=poll_key(transaction_id, due), conn=conn, available_at=due)
@@ -365,7 +368,6 @@ def after_commit(applied: Applied | None) -> None:
     if applied.polls is not None:
         POLLS_PER_PAYMENT.observe(applied.polls)
     if applied.alert is not None:
-        from monitoring.alerts import send_alert
 
         severity, title, message, key, runbook = applied.alert
         try:
@@ -397,7 +399,6 @@ def validate_poll_payload(transaction_id: object, due: object) -> None:
 def read_status(payment_id: str) -> tuple[str | None, ProviderPermanentError | None]:
     """(code, unusable-answer error). 404 → NOT_FOUND. Transient errors and an open circuit
     propagate (retry / reschedule); nothing has been written yet."""
-    from worker.providers import get_neonomics
 
     try:
         code = get_neonomics().get_payment_status(payment_id).transaction_status
@@ -459,7 +460,7 @@ def retry_delay_ms(retry_after_s: float) -> int:
     return int(max(retry_after_s, 1.0) * 1000 + random.uniform(100, 1000))
 
 
-@dramatiq.actor(actor_name=POLL_JOB, queue_name="pisp", time_limit=90_000)
+@registry.job(POLL_JOB, queue="pisp", time_limit=90_000)
 def poll_status(transaction_id: str, due: str | None = None) -> None:
     """Payload `{transaction_id}` (SCA callback, ad hoc) or `{transaction_id, due}` (scheduled)."""
     try:
@@ -481,7 +482,6 @@ def sweep(now: datetime | None = None, *, slot: str | None = None, limit: int = 
 
     Idempotency key per transaction and sweep slot: a repeated sweep of the same slot adds
     nothing, the next slot may add one more (if the poll is still overdue)."""
-    import jobs
 
     now = now or utcnow()
     tag = slot or now.replace(second=0, microsecond=0).isoformat()
@@ -507,6 +507,6 @@ def sweep(now: datetime | None = None, *, slot: str | None = None, limit: int = 
     return enqueued
 
 
-@dramatiq.actor(actor_name=SWEEP_JOB, queue_name="pisp", time_limit=60_000)
+@registry.job(SWEEP_JOB, queue="pisp", time_limit=60_000)
 def sweep_job(slot: str | None = None) -> None:
     sweep(slot=slot)

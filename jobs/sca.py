@@ -24,18 +24,20 @@ from collections import Counter as Tally
 from datetime import datetime
 from typing import Any
 
-import dramatiq
 import psycopg
 from prometheus_client import Counter
 
 from db.pool import transaction
 from jobs import payments as rules
 from jobs import pisp
+from jobs.registry import registry
+from worker.providers import get_neonomics
 from worker.providers.errors import (
     NotFoundError,
     ProviderPermanentError,
     ProviderTransientError,
 )
+from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,6 @@ def _read(payment_id: str) -> tuple[str | None, bool]:
 
 
 def _cancel(payment_id: str) -> rules.Cancellation:
-    from worker.providers import get_neonomics
 
     try:
         result = get_neonomics().cancel_payment(payment_id)
@@ -149,7 +150,6 @@ def apply_sca_timeout(
 def expire_payment(transaction_id: str, *, now: datetime | None = None, timeout_s: int | None = None) -> str:
     """Expire one payment if it is still processing past its deadline at `now`; returns the
     outcome (skipped, sca_timeout, complete, fail)."""
-    from worker.settings import get_settings
 
     now = now or pisp.utcnow()
     timeout_s = timeout_s or get_settings().sca_timeout_seconds
@@ -208,7 +208,6 @@ def expire_due(
     budget_s: float = RUN_BUDGET_S,
 ) -> dict[str, int]:
     """Expire every payment past its SCA deadline at `now`; returns counts by outcome."""
-    from worker.settings import get_settings
 
     now = now or pisp.utcnow()
     timeout_s = timeout_s or get_settings().sca_timeout_seconds
@@ -228,7 +227,7 @@ def expire_due(
     return dict(tally)
 
 
-@dramatiq.actor(actor_name=EXPIRE_JOB, queue_name="sca", time_limit=150_000)
+@registry.job(EXPIRE_JOB, queue="sca", time_limit=150_000)
 def expire_timeouts(slot: str | None = None) -> None:
     counts = expire_due()
     if counts:

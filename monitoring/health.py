@@ -13,6 +13,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from psycopg_pool import ConnectionPool
+
+from db.pool import database_url
+from worker.probes import scheduler_leader, workers_alive
+from worker.redis_client import get_redis
+from worker.relay import RELAY_HEARTBEAT_TTL_S, relays_alive
+
 CHECK_TIMEOUT_S = 0.8
 
 
@@ -24,7 +31,6 @@ def _health_pool(url: str) -> Any:
     """A pool of its own for the checks (not the jobs' pool, which may be what is exhausted):
     a probe every few seconds, or a caller hammering `/v1/health`, reuses at most two
     connections instead of opening one per request."""
-    from psycopg_pool import ConnectionPool
 
     global _health_pool_for
     with _health_pool_lock:
@@ -39,7 +45,6 @@ def _health_pool(url: str) -> Any:
 
 
 def check_postgres() -> dict[str, Any]:
-    from db.pool import database_url
 
     with _health_pool(database_url()).connection() as conn:
         conn.execute("SET statement_timeout = 700")
@@ -48,14 +53,12 @@ def check_postgres() -> dict[str, Any]:
 
 
 def check_redis() -> dict[str, Any]:
-    from worker.redis_client import get_redis
 
     get_redis().ping()
     return {"ok": True}
 
 
 def check_scheduler() -> dict[str, Any]:
-    from monitoring.probes import scheduler_leader
 
     leader = scheduler_leader()
     if leader is None:
@@ -64,17 +67,14 @@ def check_scheduler() -> dict[str, Any]:
 
 
 def check_workers() -> dict[str, Any]:
-    import jobs
-    from monitoring.probes import workers_alive
 
-    alive = workers_alive(jobs.broker)
+    alive = workers_alive()
     if alive < 1:
         return {"ok": False, "reason": "no worker heartbeat in the last 30 s", "alive": 0}
     return {"ok": True, "alive": alive}
 
 
 def check_relay() -> dict[str, Any]:
-    from jobs.outbox import RELAY_HEARTBEAT_TTL_S, relays_alive
 
     alive = relays_alive()
     if alive < 1:

@@ -15,23 +15,23 @@ import logging
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+import jobs
+from worker import probes
+from worker.metrics import REGISTRY
+from worker.probes import (
+    breaker_statuses,
+    database_state,
+    job_errors,
+    queue_oldest_age,
+    queue_stats,
+    scheduler_leader,
+    workers_alive,
+)
+
 log = logging.getLogger(__name__)
-
-REGISTRY = CollectorRegistry()
-
-# The alert pipeline's own health, for the monitor process (alerts.py, slack.py).
-ALERTS_SENT = Counter(
-    "drop_alerts_sent_total", "Alerts raised (sent to Slack and the log)", ["severity"], registry=REGISTRY
-)
-ALERTS_SUPPRESSED = Counter("drop_alerts_suppressed_total", "Alerts suppressed by dedup/cooldown", registry=REGISTRY)
-ALERT_DELIVERY_FAILURES = Counter(
-    "drop_alert_delivery_failures_total", "Slack deliveries given up (alert kept in the log)", registry=REGISTRY
-)
-
 
 def _gauge(name: str, doc: str, value: float | None = None, labels: list[str] | None = None) -> GaugeMetricFamily:
     if labels is not None:
@@ -58,11 +58,9 @@ class SystemCollector(Collector):
         yield up
 
     def _redis(self) -> Iterator[Metric]:
-        import jobs
-        from monitoring.probes import job_errors, queue_oldest_age, queue_stats, scheduler_leader, workers_alive
 
-        stats = queue_stats(jobs.broker)
-        ages = queue_oldest_age(jobs.broker, [q["queue"] for q in stats])
+        stats = queue_stats(probes.queues(jobs.registry.queues()))
+        ages = queue_oldest_age([q["queue"] for q in stats])
         depth = _gauge("drop_queue_depth", "Messages ready in a queue", labels=["queue"])
         delayed = _gauge("drop_queue_delayed", "Delayed (retry/backoff) messages of a queue", labels=["queue"])
         dead = _gauge("drop_queue_dead", "Messages in Dramatiq's Redis dead-letter set of a queue", labels=["queue"])
@@ -74,7 +72,7 @@ class SystemCollector(Collector):
             oldest.add_metric([q["queue"]], ages.get(q["queue"], 0.0))
         yield from (depth, delayed, dead, oldest)
         yield _gauge(
-            "drop_workers_alive", "Worker consumers with a heartbeat in the last 30 s", value=workers_alive(jobs.broker)
+            "drop_workers_alive", "Worker consumers with a heartbeat in the last 30 s", value=workers_alive()
         )
         errors = _gauge("drop_job_errors_last_minute", "Job errors in the last 60 s across all workers", labels=["job"])
         for job, n in sorted(job_errors().items()):
@@ -94,7 +92,6 @@ class SystemCollector(Collector):
             )
 
     def _breakers(self) -> Iterator[Metric]:
-        from monitoring.probes import breaker_statuses
 
         open_ = _gauge("drop_circuit_breaker_open", "1 while the breaker is open or half-open", labels=["breaker"])
         opened = _gauge(
@@ -116,7 +113,6 @@ class SystemCollector(Collector):
         yield _gauge("pisp_circuit_open", "1 while the Neonomics PISP breaker is open (docs/monitoring.md)", value=pisp)
 
     def _postgres(self) -> Iterator[Metric]:
-        from monitoring.probes import database_state
 
         s = database_state()
         yield _gauge("drop_dead_letters", "Dead letters not yet replayed", value=sum(s["dead_letters"].values()))

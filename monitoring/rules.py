@@ -16,7 +16,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from monitoring.alerts import Severity, active_since, forget_once, once, resolve_alert, send_alert
+import jobs
+from monitoring.health import check_postgres
+from worker import probes
+from worker.alerts import Severity, active_since, forget_once, once, resolve_alert, send_alert
+from worker.probes import (
+    ERROR_WINDOW_S,
+    breaker_statuses,
+    database_state,
+    job_errors,
+    queue_oldest_age,
+    queue_stats,
+    scheduler_leader,
+    workers_alive,
+)
+from worker.sentry import capture_alert
+from worker.settings import get_settings
 
 log = logging.getLogger("monitor.rules")
 
@@ -47,8 +62,6 @@ Rule = Callable[[], Iterator[Condition]]
 
 
 def error_spike() -> Iterator[Condition]:
-    from monitoring.probes import ERROR_WINDOW_S, job_errors
-    from worker.settings import get_settings
 
     threshold = get_settings().error_spike_threshold
     counts = job_errors()
@@ -62,7 +75,6 @@ def error_spike() -> Iterator[Condition]:
 
 
 def breakers() -> Iterator[Condition]:
-    from monitoring.probes import breaker_statuses
 
     for name, status in breaker_statuses().items():
         key = f"breaker-open:{name}"
@@ -74,7 +86,6 @@ def breakers() -> Iterator[Condition]:
         if status.is_open:
             since = active_since(key)
             if since is not None and time.time() - since > BREAKER_LONG_OPEN_S and once(f"long-open:{name}", 86_400):
-                from monitoring.sentry import capture_alert
 
                 minutes = int((time.time() - since) // 60)
                 opened = time.strftime("%H:%M UTC", time.gmtime(since))
@@ -87,8 +98,6 @@ def breakers() -> Iterator[Condition]:
 
 
 def redis_state() -> Iterator[Condition]:
-    import jobs
-    from monitoring.probes import queue_oldest_age, queue_stats, scheduler_leader, workers_alive
 
     yield Condition(
         "scheduler-silent", scheduler_leader() is None, Severity.CRITICAL, "Scheduler silent",
@@ -96,14 +105,14 @@ def redis_state() -> Iterator[Condition]:
         "refresh) are not being enqueued.",
         runbook="scheduler-silent", for_s=SCHEDULER_SILENT_FOR_S,
     )
-    alive = workers_alive(jobs.broker)
+    alive = workers_alive()
     yield Condition(
         "workers-down", alive < 1, Severity.CRITICAL, "No workers alive",
         "No Dramatiq worker heartbeat in the last 30 s: jobs queue up but nothing runs them.",
         runbook="workers-down", for_s=WORKERS_DOWN_FOR_S,
     )
-    stats = queue_stats(jobs.broker)
-    ages = queue_oldest_age(jobs.broker, [q["queue"] for q in stats])
+    stats = queue_stats(probes.queues(jobs.registry.queues()))
+    ages = queue_oldest_age([q["queue"] for q in stats])
     slow = {q: a for q, a in ages.items() if a > QUEUE_LATENCY_S}
     yield Condition(
         "queue-latency", bool(slow), Severity.WARNING, "Queue latency high",
@@ -115,7 +124,6 @@ def redis_state() -> Iterator[Condition]:
 def postgres_state() -> Iterator[Condition]:
     """PostgreSQL unreachable: the `database` rule's probe then fails and yields nothing (so
     "unknown" never resolves), which left an outage of the source of truth without any alert."""
-    from monitoring.health import check_postgres
 
     try:
         check_postgres()
@@ -131,7 +139,6 @@ def postgres_state() -> Iterator[Condition]:
 
 
 def database() -> Iterator[Condition]:
-    from monitoring.probes import database_state
 
     s = database_state()
     dead = s["dead_letters"]

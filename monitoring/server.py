@@ -12,8 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from monitoring import rules
 from monitoring.health import run_checks
 from monitoring.metrics import REGISTRY
+from worker import alerts
+from worker.logs import setup_logging
+from worker.sentry import flush as sentry_flush
+from worker.sentry import init_sentry
+from worker.settings import load_settings
 
 log = logging.getLogger("monitor")
 
@@ -102,12 +108,6 @@ def serve(host: str, port: int) -> MonitorServer:
 
 
 def main() -> int:
-    import jobs  # noqa: F401  (the broker, for queue probes)
-    from monitoring import alerts, rules
-    from monitoring.sentry import flush as sentry_flush
-    from monitoring.sentry import init_sentry
-    from worker.logs import setup_logging
-    from worker.settings import load_settings
 
     settings = load_settings()
     setup_logging()

@@ -7,11 +7,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from sandbox.server import ADMIN_TOKEN_HEADER, admin_token_file
+from worker.settings import get_settings
+
 
 def admin_token_for(url: str) -> str:
     """DROP_SANDBOX_ADMIN_TOKEN, else the token file the sandbox on that port wrote (0600)."""
-    from sandbox.server import admin_token_file
-    from worker.settings import get_settings
 
     settings = get_settings()
     if settings.sandbox_admin_token:
@@ -25,7 +26,6 @@ def admin_token_for(url: str) -> str:
 
 class SandboxAdmin:
     def __init__(self, url: str, *, timeout: float = 10.0, token: str | None = None) -> None:
-        from sandbox.server import ADMIN_TOKEN_HEADER
 
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url + "/_admin", timeout=timeout,

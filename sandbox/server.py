@@ -31,9 +31,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from aiohttp import web
 
+import jobs
 from worker.providers.sumsub import DEFAULT_DIGEST_ALG, sign_request, webhook_digest
+from worker.settings import get_settings, is_loopback
 
 log = logging.getLogger("sandbox")
 
@@ -523,9 +526,7 @@ async def emit_webhook(state: State, body: str, *, alg: str | None = None, forge
 def _insert_outbox(dsn: str, schema: str | None, payload: dict[str, Any], idem: str) -> str:
     """Enqueue as the web tier does, through the one owner of the outbox (`jobs.enqueue`).
     Imported here: only a sandbox wired to a database needs the job system (and its broker)."""
-    import psycopg
 
-    import jobs
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         if schema:
@@ -731,7 +732,6 @@ def create_app(config: Config | None = None) -> web.Application:
 
 def config_from_settings() -> Config:
     """Accept the same credentials the worker is configured with (when set)."""
-    from worker.settings import get_settings
 
     s = get_settings()
     secret = s.sumsub_webhook_secret
@@ -753,7 +753,6 @@ class SandboxRefused(RuntimeError):
 def refuse_unless_safe(drop_env: str, host: str) -> None:
     """The sandbox accepts any caller's credentials and signs webhooks with the real secret: it
     runs only in development and only on a loopback address."""
-    from worker.settings import is_loopback
 
     if drop_env != "development":
         raise SandboxRefused(f"the sandbox runs only with DROP_ENV=development (it is {drop_env})")
@@ -768,7 +767,6 @@ def admin_token_file(data_dir: Path, port: int) -> Path:
 
 async def serve(host: str, port: int, config: Config | None = None, *, ready=None) -> None:
     """Run until cancelled. `ready(url)` is called once the socket is listening."""
-    from worker.settings import get_settings
 
     settings = get_settings()
     refuse_unless_safe(settings.drop_env, host)

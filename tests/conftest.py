@@ -68,7 +68,7 @@ def pytest_configure(config: pytest.Config) -> None:
     test_broker = broker_module.build_broker(metrics=False)
     test_broker._drop_worker = True  # type: ignore[attr-defined]
     dramatiq.set_broker(test_broker)
-    import jobs  # noqa: F401  (registers the actors on the test broker)
+    import jobs.app  # noqa: F401  (the composition root binds every job to the test broker)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -107,7 +107,7 @@ def redis_namespace(monkeypatch) -> Iterator[str]:
     _reset_clients()
     import jobs
 
-    jobs.broker.namespace = f"{ns}-dramatiq"
+    jobs.app.broker.namespace = f"{ns}-dramatiq"
     yield ns
     import redis
 
@@ -155,8 +155,8 @@ def sql(db):
 def broker(redis_namespace):
     import jobs
 
-    jobs.broker.flush_all()
-    return jobs.broker
+    jobs.app.broker.flush_all()
+    return jobs.app.broker
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str
 @pytest.fixture
 def relay(db, broker):
     """Run the outbox relay in a background thread for the test's duration."""
-    from jobs.outbox import drain
+    from worker.relay import drain
 
     stop = threading.Event()
 

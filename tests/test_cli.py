@@ -2,16 +2,15 @@
 
 import json
 
-import dramatiq
-
-from jobs.outbox import relay_once
+from jobs.registry import registry
+from monitoring.cli import main
 from tests.conftest import wait_for
-from worker.cli import main
+from worker.relay import relay_once
 
 CALLS: list[str] = []
 
 
-@dramatiq.actor(actor_name="test.cli_fails_until_fixed", queue_name="test")
+@registry.job("test.cli_fails_until_fixed", queue="test")
 def fails_until_fixed(tag: str) -> None:
     CALLS.append(tag)
     if "fixed" not in CALLS:
@@ -81,14 +80,14 @@ def test_status_in_a_second_shell_finds_the_embedded_servers_of_a_run(db, redis_
     import sys
     from pathlib import Path
 
+    from monitoring.cli import write_embedded_env
     from tests.conftest import BASE_REDIS_URL
-    from worker.cli import write_embedded_env
 
     written = write_embedded_env(tmp_path, db, BASE_REDIS_URL)
     assert oct(written.stat().st_mode & 0o777) == "0o600"
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(DROP_DATA_DIR=str(tmp_path), DROP_REDIS_NAMESPACE=redis_namespace)
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "status"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "monitoring.cli", "status"], capture_output=True, text=True,
                           timeout=60, env=env, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "using the embedded PostgreSQL and Redis of the running `drop-jobs run`" in proc.stderr
@@ -105,7 +104,7 @@ def test_unreachable_servers_are_one_line_each_not_tracebacks(db):
 
     wrong_db = BASE_DATABASE_URL.rsplit("/", 1)[0] + "/no_such_database"
     env = {**os.environ, "DATABASE_URL": wrong_db, "REDIS_URL": "redis://127.0.0.1:1/0"}
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "status"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "monitoring.cli", "status"], capture_output=True, text=True,
                           timeout=60, env=env, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -126,7 +125,7 @@ def test_a_second_run_refuses_a_taken_port_before_starting_anything(tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         env = {**os.environ, "DROP_MONITOR_PORT": str(port), "DROP_DATA_DIR": str(tmp_path)}
-        proc = subprocess.run([sys.executable, "-m", "worker.cli", "run", "--no-demo"], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "monitoring.cli", "run", "--no-demo"], capture_output=True,
                               text=True, timeout=60, env=env, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
     assert f"port {port} on 127.0.0.1 is already in use" in proc.stderr and "DROP_MONITOR_PORT" in proc.stderr

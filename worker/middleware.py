@@ -6,8 +6,14 @@
   PostgreSQL `dead_letters` with its reason, and its outbox row is closed with that reason so
   the relay never sends it again. `drop-jobs dlq` works on this table.
 - OutboxBookkeeping: after a successful run, the message's outbox row is marked done (a job
-  that wants the mark inside its own transaction calls `jobs.context.mark_outbox_done(conn)`).
+  that wants the mark inside its own transaction calls `worker.context.mark_outbox_done(conn)`).
 - OutboxRelayFork: runs the outbox relay as a fork beside each worker pool.
+- SentryJobs: Sentry's own Dramatiq middleware (a no-op until Sentry is initialised), placed
+  first in the stack. Its `after_process_boot` starts Sentry and the crash alerts in each worker
+  process: the broker is built before any boot hook, so sentry-sdk's patch of `Broker.__init__`
+  would come too late to add it. It also tags each job's events with its `request_id` and job.
+- ErrorCounter: every job error (each failed attempt) is counted in one Redis window shared by
+  all workers on all machines; the monitor raises "Error spike" above 5 in 60 s.
 """
 
 from __future__ import annotations
@@ -17,19 +23,28 @@ import logging
 import uuid
 
 import dramatiq
-from psycopg.types.json import Jsonb
+import sentry_sdk
+from dramatiq.errors import Retry
+from sentry_sdk.integrations.dramatiq import SentryMiddleware
+
+from db import outbox
+from db.pool import transaction
+from worker.alerts import install_crash_alerts, set_process_kind
+from worker.context import mark_outbox_done_by_id, request_id_var
+from worker.pii import scrub_text
+from worker.probes import record_job_error
+from worker.relay import run_relay_fork
+from worker.retry import MAX_RESCHEDULES
+from worker.sentry import init_sentry
 
 log = logging.getLogger(__name__)
 
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("drop_request_id", default=None)
 
 
 def failure_reason(exc: BaseException | None) -> str:
     """A short, PII-free reason: the exception type and its scrubbed message, cut to 500 characters.
 
     Our errors name fields, never values; the scrubber is here for everyone else's exceptions."""
-    from worker.pii import scrub_text
-
     if exc is None:
         return "unknown"
     return scrub_text(f"{type(exc).__name__}: {exc}")[:500]
@@ -70,36 +85,21 @@ class DeadLetters(dramatiq.Middleware):
 
 
 def record_dead_letter(message: dramatiq.Message, exc: BaseException | None, *, reason: str | None = None) -> None:
-    from db.pool import transaction
-    from worker.pii import scrub_text
-
     reason = scrub_text(reason)[:500] if reason else failure_reason(exc)
     body = message.asdict()
     body["options"] = {k: v for k, v in body["options"].items() if k not in ("traceback", "dead_letter_reason")}
-    outbox_id = message.options.get("outbox_id")
     try:
         with transaction() as conn:
-            conn.execute(
-                """INSERT INTO dead_letters (message_id, job, queue_name, message, outbox_id, reason, retries)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s)
-                   ON CONFLICT (message_id) DO UPDATE
-                   SET reason = EXCLUDED.reason, retries = EXCLUDED.retries,
-                       failed_at = now(), replayed_at = NULL""",
-                (
-                    message.message_id,
-                    message.actor_name,
-                    message.queue_name,
-                    Jsonb(body),
-                    outbox_id,
-                    reason,
-                    message.options.get("retries", 0),
-                ),
+            outbox.record_dead_letter(
+                conn,
+                message_id=message.message_id,
+                job=message.actor_name,
+                queue=message.queue_name,
+                message=body,
+                outbox_id=message.options.get("outbox_id"),
+                reason=reason,
+                retries=message.options.get("retries", 0),
             )
-            if outbox_id is not None:
-                conn.execute(
-                    "UPDATE job_outbox SET error = %s WHERE id = %s AND done_at IS NULL",
-                    (f"dead-lettered: {reason}", outbox_id),
-                )
         log.warning("job %s dead-lettered (message %s): %s", message.actor_name, message.message_id, reason)
     except Exception:
         # The message is still in Dramatiq's own dead-letter queue in Redis.
@@ -113,8 +113,6 @@ class OutboxBookkeeping(dramatiq.Middleware):
         marked_by_job = message.options.pop("outbox_done", False)
         outbox_id = message.options.get("outbox_id")
         if exception is None and outbox_id is not None and not marked_by_job:
-            from jobs.context import mark_outbox_done_by_id
-
             try:
                 mark_outbox_done_by_id(outbox_id)
             except Exception:
@@ -132,8 +130,6 @@ class RescheduleAccounting(dramatiq.Middleware):
     """
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
-        from worker.retry import MAX_RESCHEDULES
-
         if isinstance(exception, dramatiq.Retry):
             reschedules = message.options.get("reschedules", 0) + 1
             message.options["reschedules"] = reschedules
@@ -146,6 +142,37 @@ class RescheduleAccounting(dramatiq.Middleware):
 class OutboxRelayFork(dramatiq.Middleware):
     @property
     def forks(self):
-        from jobs.outbox import run_relay_fork
-
         return [run_relay_fork]
+
+
+class SentryJobs(SentryMiddleware):
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        set_process_kind("worker")
+        install_crash_alerts("worker")
+        try:
+            init_sentry("worker")
+        except Exception:
+            log.exception("Sentry could not start; continuing without it")
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        super().before_process_message(broker, message)
+        scope = getattr(message, "_scope_manager", None)
+        if scope is None:  # Sentry off
+            return
+        sentry_sdk.set_tag("request_id", message.options.get("request_id") or message.message_id)
+        sentry_sdk.set_tag("job", message.actor_name)
+
+
+class ErrorCounter(dramatiq.Middleware):
+    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
+                              result: object = None, exception: BaseException | None = None) -> None:
+        if exception is None or isinstance(exception, Retry):
+            return  # Retry is a job asking to run again later, not an error
+        actor = broker.actors.get(message.actor_name)
+        throws = message.options.get("throws") or (actor.options.get("throws") if actor else None)
+        if throws and isinstance(exception, throws):
+            return  # declared, expected failure
+        try:
+            record_job_error(message.actor_name, uuid.uuid4().hex)
+        except Exception as error:
+            log.warning("could not count job error for the error-spike alert: %s", type(error).__name__)

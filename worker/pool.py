@@ -9,6 +9,7 @@ signal, so in-flight jobs finish (or are requeued) within the shutdown timeout.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from worker.settings import load_settings
 
 # In-flight jobs get this long after SIGTERM; a provider call is bounded by 30 s.
 SHUTDOWN_TIMEOUT_MS = 30_000
@@ -26,7 +29,7 @@ def dramatiq_command(extra: list[str]) -> list[str]:
         sys.executable,
         "-m",
         "dramatiq",
-        "jobs",
+        "jobs.app",
         "--worker-shutdown-timeout",
         str(SHUTDOWN_TIMEOUT_MS),
         *extra,
@@ -37,7 +40,6 @@ def metrics_env() -> dict[str, str]:
     """Multiprocess Prometheus: every worker process writes to one directory that Dramatiq's
     exposition server reads. It must be in the environment before prometheus_client is first
     imported, or metrics declared by job modules would stay private to each process."""
-    from worker.settings import load_settings
 
     settings = load_settings()
     directory = (settings.data_dir / f"prometheus-worker-{settings.worker_metrics_port}").resolve()
@@ -55,7 +57,6 @@ def metrics_env() -> dict[str, str]:
 def _stop_with_parent() -> None:
     """In the child: get SIGTERM when this wrapper dies, even by SIGKILL, so the pool is never
     orphaned (a second, unsupervised worker pool would keep consuming beside its replacement)."""
-    import ctypes
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
@@ -68,7 +69,6 @@ RELAY_SILENT_EXIT_CODE = 75  # EX_TEMPFAIL: a restart is the fix
 
 
 def relay_heartbeat_file() -> Path:
-    from worker.settings import load_settings
 
     settings = load_settings()
     directory = settings.data_dir.resolve()
@@ -86,7 +86,6 @@ def relay_silent_for(heartbeat: Path, started: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from worker.settings import load_settings
 
     silent_limit = load_settings().relay_silent_limit_s
     heartbeat = relay_heartbeat_file()

@@ -16,39 +16,23 @@ across crashes; past MAX_CRASHES the message is dead-lettered with that reason.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import dramatiq
-from dramatiq.common import current_millis
 from dramatiq.middleware import SkipMessage
+
+from worker import dramatiq_redis
+from worker.redis_client import get_redis, key
 
 log = logging.getLogger(__name__)
 
 MAINTENANCE_INTERVAL_S = 5.0
 MAX_CRASHES = 3
-MAINTENANCE_ID_PREFIX = "maintenance-"
 
 
 def requeue_dead_workers(broker: dramatiq.Broker) -> None:
     """Run Dramatiq's maintenance (requeue dead workers' messages, expire old dead letters)."""
-    dispatch = broker.scripts["dispatch"]  # type: ignore[attr-defined]
-    queues = set(broker.get_declared_queues())
-    queues |= {dramatiq.common.dq_name(q) for q in list(queues) if not q.endswith(".DQ")}
-    for queue in sorted(queues):
-        dispatch(
-            keys=[broker.namespace],  # type: ignore[attr-defined]
-            args=[
-                "qsize",
-                current_millis(),
-                queue,
-                f"{MAINTENANCE_ID_PREFIX}{os.getpid()}",
-                broker.heartbeat_timeout,
-                broker.dead_message_ttl,
-                1,  # type: ignore[attr-defined]
-                broker._max_unpack_size(),  # type: ignore[attr-defined]
-            ],
-        )
+    dramatiq_redis.run_maintenance(broker)
 
 
 class MaintenanceTimer:
@@ -84,8 +68,6 @@ class CrashGuard(dramatiq.Middleware):
         self._count = None  # registered on first use; every call names the process's current client
 
     def _key(self, message: dramatiq.Message) -> str:
-        from worker.redis_client import key
-
         return key("deliveries", message.message_id)
 
     def _count_delivery(self, client, name: str) -> int:
@@ -95,8 +77,6 @@ class CrashGuard(dramatiq.Middleware):
         return int(self._count(keys=[name], args=[self.TTL_S], client=client))
 
     def before_process_message(self, broker, message):
-        from worker.redis_client import get_redis
-
         client = get_redis()
         crashes = self._count_delivery(client, self._key(message)) - 1
         if crashes >= MAX_CRASHES:
@@ -108,8 +88,6 @@ class CrashGuard(dramatiq.Middleware):
             raise SkipMessage(message.options["dead_letter_reason"])
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
-        from worker.redis_client import get_redis
-
         get_redis().delete(self._key(message))
 
     def after_skip_message(self, broker, message):

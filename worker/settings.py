@@ -17,6 +17,9 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+import db.pool
+from db.pool import PoolConfig
+
 Environment = Literal["development", "staging", "production"]
 
 # Required when DROP_ENV=production: no embedded servers, no unsigned provider calls, and an
@@ -235,3 +238,11 @@ def load_settings() -> Settings:
     except ConfigurationError as error:
         print(f"drop-worker: configuration error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _pool_config() -> PoolConfig:
+    settings = get_settings()
+    return PoolConfig(settings.database_url, settings.db_pool_max_size)
+
+
+db.pool.configure(_pool_config)  # db/ is below settings: it is told where its settings come from

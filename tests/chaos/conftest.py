@@ -131,8 +131,8 @@ class Processes:
         return proc
 
     def worker(self, processes: int = 1, threads: int = 4, **extra_env: str) -> subprocess.Popen:
-        """`dramatiq jobs` (+ its outbox relay fork), as the Procfile runs it."""
-        return self.spawn([sys.executable, "-m", "dramatiq", "jobs", "--processes", str(processes),
+        """`dramatiq jobs.app` (+ its outbox relay fork), as the Procfile runs it."""
+        return self.spawn([sys.executable, "-m", "dramatiq", "jobs.app", "--processes", str(processes),
                            "--threads", str(threads)], "worker", **extra_env)
 
     def pool(self, processes: int = 1, threads: int = 4, **extra_env: str) -> subprocess.Popen:
@@ -243,8 +243,8 @@ def capture(monkeypatch, redis_namespace, caplog, request) -> Iterator[Capture]:
     starts; after the test, no seeded PII or webhook body may appear in any captured output."""
     import logging
 
-    from monitoring.slack import reset_notifier
     from worker.settings import get_settings
+    from worker.slack import reset_notifier
 
     slack, sentry = Receiver(), Receiver()
     slack.server, sentry.server = _start_receiver(slack), _start_receiver(sentry)

@@ -1,6 +1,6 @@
 """Issue 9 points 1 and 5: SIGKILLed workers and a graceful SIGTERM under a mixed load.
 
-Real `dramatiq jobs` processes (each with its outbox relay fork) against this test's schema and
+Real `dramatiq jobs.app` processes (each with its outbox relay fork) against this test's schema and
 Redis namespace, the sandbox over HTTP. Effects are counted in PostgreSQL, requests at the sandbox.
 """
 

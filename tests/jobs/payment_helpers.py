@@ -99,7 +99,7 @@ def install_commit_crash(sql, times: int = 1) -> None:
 
 
 def alerts(caplog, title: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "monitoring.alerts" and title in r.getMessage()]
+    return [r for r in caplog.records if r.name == "worker.alerts" and title in r.getMessage()]
 
 
 def iso(t: datetime) -> str:

@@ -122,7 +122,7 @@ def metric(name: str, **labels) -> float:
 @pytest.fixture
 def slack(monkeypatch, redis_namespace):
     """Alerts go to a local Slack-compatible receiver (as in tests/monitoring)."""
-    from monitoring.slack import reset_notifier
+    from worker.slack import reset_notifier
 
     receiver = Receiver()
     receiver.server = _start_receiver(receiver)
@@ -319,7 +319,7 @@ def test_huge_body_is_rejected_with_its_reason(sql, user):
 def test_unknown_applicant_is_dead_lettered_once_with_a_clear_reason_and_replayable(sql, secret, broker, worker):
     payload = signed(event("GREEN", applicant="unknownapplicant01"))
     jobs.enqueue("kyc.sumsub_webhook", payload, idempotency_key="k-unknown")
-    from jobs.outbox import relay_once
+    from worker.relay import relay_once
 
     relay_once()
     dead = wait_for(lambda: sql("SELECT job, reason, retries FROM dead_letters"), what="dead letter")
@@ -334,7 +334,7 @@ def test_unknown_applicant_is_dead_lettered_once_with_a_clear_reason_and_replaya
 
 
 def test_signed_but_malformed_bodies_are_dead_lettered_with_the_reason(sql, secret, broker, worker):
-    from jobs.outbox import relay_once
+    from worker.relay import relay_once
 
     jobs.enqueue("kyc.sumsub_webhook", signed("{not json"), idempotency_key="k-bad")
     jobs.enqueue("kyc.sumsub_webhook", {"headers": {}}, idempotency_key="k-nobody")
@@ -499,7 +499,8 @@ def test_aml_retries_sumsub_errors_then_succeeds(sql, sandbox, slack, broker, wo
     sandbox.review(applicant, "RED", reject_type="FINAL", labels=["ADVERSE_MEDIA"])
     sandbox.fault("sumsub.status", status=503, count=2)
     # The policy's retries with short backoffs (the 1/2/4 s timing is tested in tests/worker).
-    jobs.kyc.aml_check.send_with_options(kwargs={"applicant_id": applicant, "user_id": USER, "event_id": "ev-retry"},
+    aml_check = jobs.app.actors["kyc.aml_check"]
+    aml_check.send_with_options(kwargs={"applicant_id": applicant, "user_id": USER, "event_id": "ev-retry"},
                                          min_backoff=100, max_backoff=400)
     wait_for(lambda: sql("SELECT result FROM screening_results"), timeout=20, what="aml row after retries")
     assert sandbox.count("sumsub.status") == 3
@@ -512,7 +513,8 @@ def test_aml_gives_up_after_the_last_retry_dead_letters_and_alerts(sql, sandbox,
     add_user(sql, USER, applicant)
     sandbox.fault("sumsub.status", status=503)
     # A message that already used its 3 retries: the next transient failure is final.
-    jobs.kyc.aml_check.send_with_options(kwargs={"applicant_id": applicant, "user_id": USER, "event_id": "ev-x"},
+    aml_check = jobs.app.actors["kyc.aml_check"]
+    aml_check.send_with_options(kwargs={"applicant_id": applicant, "user_id": USER, "event_id": "ev-x"},
                                          retries=3)
     dead = wait_for(lambda: sql("SELECT job, reason FROM dead_letters"), what="dead letter")
     assert dead[0]["job"] == "kyc.aml_check" and dead[0]["reason"].startswith("ServerError: sumsub.status HTTP 503")
@@ -571,7 +573,7 @@ def test_no_personal_data_in_logs_dead_letters_or_audit(sql, secret, broker, wor
 
 
 def test_metrics_and_the_monitors_approval_rate(sql, user):
-    from monitoring.probes import database_state
+    from worker.probes import database_state
 
     applied = metric("drop_kyc_webhooks_total", outcome="applied")
     dup = metric("drop_kyc_webhooks_total", outcome="duplicate")

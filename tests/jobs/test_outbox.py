@@ -3,18 +3,18 @@
 import threading
 from datetime import timedelta
 
-import dramatiq
 import psycopg
 import pytest
 
 import jobs
-from jobs.outbox import drain, relay_once
+from jobs.registry import registry
 from tests.conftest import wait_for
+from worker.relay import drain, relay_once
 
 SEEN: list[dict] = []
 
 
-@dramatiq.actor(actor_name="test.record", queue_name="test", max_retries=0)
+@registry.job("test.record", queue="test", max_retries=0)
 def record(n: int, tag: str = "") -> None:
     SEEN.append({"n": n, "tag": tag})
 
@@ -115,10 +115,10 @@ def test_raw_sql_insert_is_processed_end_to_end(db, sql, worker, relay):
 MARKED: list[int] = []
 
 
-@dramatiq.actor(actor_name="test.marks_itself", queue_name="test", max_retries=0)
+@registry.job("test.marks_itself", queue="test", max_retries=0)
 def marks_itself(n: int) -> None:
     from db.pool import transaction
-    from jobs.context import mark_outbox_done
+    from worker.context import mark_outbox_done
 
     with transaction() as conn:
         mark_outbox_done(conn)
@@ -126,10 +126,10 @@ def marks_itself(n: int) -> None:
 
 
 def test_a_job_that_marks_its_row_saves_the_bookkeeping_transaction(db, sql, worker, relay, monkeypatch):
-    import jobs.context
+    import worker.context
 
     calls: list[int] = []
-    monkeypatch.setattr(jobs.context, "mark_outbox_done_by_id", lambda outbox_id: calls.append(outbox_id))
+    monkeypatch.setattr(worker.context, "mark_outbox_done_by_id", lambda outbox_id: calls.append(outbox_id))
     MARKED.clear()
     jobs.enqueue("test.marks_itself", {"n": 1})
     jobs.enqueue("test.record", {"n": 2})

@@ -12,10 +12,10 @@ import psycopg
 import pytest
 
 import jobs
-from jobs.outbox import drain, relay_once, relays_alive, run_relay
 from tests.conftest import wait_for
 from tests.monitoring.conftest import receiver, slack  # noqa: F401  (fixtures)
 from tests.worker.test_pool import start_pool_and_wait
+from worker.relay import drain, relay_once, relays_alive, run_relay
 
 DEEP = '{"a":' * 2000 + "1" + "}" * 2000  # jsonb accepts it; Python's json.loads recurses too deep
 HUGE_INT = '{"n": ' + "7" * 5000 + "}"  # jsonb accepts it; Python refuses ints over 4,300 digits
@@ -51,7 +51,7 @@ def test_poison_rows_deep_json_and_huge_integers_do_not_stop_the_relay(db, sql, 
 
 
 def test_relay_loop_survives_an_unexpected_exception(db, sql, broker, monkeypatch):
-    import jobs.outbox as outbox
+    import worker.relay as outbox
 
     real, calls = outbox.check_broker_epoch, []
 

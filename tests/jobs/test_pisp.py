@@ -9,7 +9,6 @@ import pytest
 
 import jobs
 from jobs import payments as rules
-from jobs.outbox import relay_once
 from jobs.pisp import poll_payment, poll_status, sweep
 from tests.conftest import wait_for
 from tests.jobs.payment_helpers import (
@@ -26,6 +25,7 @@ from tests.jobs.payment_helpers import (
     tx,
 )
 from worker.breaker import NEONOMICS_PISP, get_breaker
+from worker.relay import relay_once
 from worker.retry import PermanentError
 
 EXPECTED = {
@@ -254,7 +254,7 @@ def test_sweep_rederives_polls_after_redis_is_flushed(db, sql, sandbox, broker):
         "SELECT idempotency_key FROM job_outbox WHERE idempotency_key LIKE '%%:sweep:%%'"))
     assert keys == sorted(f"drop:pisp.poll_status:{p['id']}:sweep:2026-03-01T12:01:00+01:00" for p in payments)
     # A worker and relay come back: the swept polls complete the payments.
-    from jobs.outbox import drain
+    from worker.relay import drain
 
     drain()
     w = dramatiq.Worker(broker, worker_threads=4, worker_timeout=50)
@@ -272,6 +272,6 @@ def test_sweep_rederives_polls_after_redis_is_flushed(db, sql, sandbox, broker):
 def test_sweep_actor_accepts_the_scheduler_payload(db, sql, sandbox):
     p = make_payment(sql, sandbox, status="ACTC")
     sql("UPDATE transactions SET next_poll_at = now() - interval '10 minutes' WHERE id = %s", (p["id"],))
-    jobs.pisp.sweep_job.fn(slot="2026-03-01T12:02:00+01:00")
-    jobs.pisp.sweep_job.fn()
+    jobs.pisp.sweep_job(slot="2026-03-01T12:02:00+01:00")
+    jobs.pisp.sweep_job()
     assert len(outbox_polls(sql, p["id"])) == 2  # scheduler slot + ad hoc minute

@@ -12,9 +12,9 @@ import pytest
 import redis
 
 import jobs
-from jobs.outbox import check_broker_epoch, relay_once
 from tests.conftest import BASE_REDIS_URL, wait_for
 from tests.worker import crash_actors  # noqa: F401  (declares the actors on the test broker)
+from worker.relay import check_broker_epoch, relay_once
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,8 @@ def start_worker(db_url: str, namespace: str, tmp_path: Path, **env: str) -> sub
         **env,
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "jobs", "tests.worker.crash_actors", "--processes", "1", "--threads", "2"],
+        [sys.executable, "-m", "dramatiq", "jobs.app", "tests.worker.crash_actors",
+         "--processes", "1", "--threads", "2"],
         cwd=ROOT,
         env=environment,
         start_new_session=True,

@@ -96,8 +96,8 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def slack(receiver, monkeypatch, redis_namespace) -> Iterator[Receiver]:
     """SLACK_WEBHOOK_URL → the local receiver; the process notifier rebuilt around it."""
-    from monitoring.slack import reset_notifier
     from worker.settings import get_settings
+    from worker.slack import reset_notifier
 
     monkeypatch.setenv("SLACK_WEBHOOK_URL", f"{receiver.url}/services/T000/B000/secret-token")
     monkeypatch.setenv("DROP_SLACK_MIN_INTERVAL_S", "0.05")

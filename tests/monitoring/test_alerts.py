@@ -7,9 +7,9 @@ import logging
 import re
 import time
 
-from monitoring import alerts
-from monitoring.alerts import Severity, resolve_alert, send_alert
-from monitoring.slack import SlackNotifier, get_notifier
+from worker import alerts
+from worker.alerts import Severity, resolve_alert, send_alert
+from worker.slack import SlackNotifier, get_notifier
 
 from .conftest import free_port
 
@@ -86,7 +86,7 @@ def test_one_message_per_second_by_default(receiver):
 
 def test_slack_down_falls_back_to_the_log_without_blocking(caplog):
     notifier = SlackNotifier(f"http://127.0.0.1:{free_port()}/hook", max_attempts=1)
-    with caplog.at_level(logging.ERROR, logger="monitoring.slack"):
+    with caplog.at_level(logging.ERROR, logger="worker.slack"):
         started = time.monotonic()
         assert notifier.post({"text": "x"}, "[critical] Error spike detected: 8 errors")
         assert time.monotonic() - started < 0.05
@@ -95,7 +95,7 @@ def test_slack_down_falls_back_to_the_log_without_blocking(caplog):
     assert "/hook" not in caplog.text  # the webhook URL is a secret
     # Slack is now considered down for a while: the next alert goes straight to the log.
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="monitoring.slack"):
+    with caplog.at_level(logging.ERROR, logger="worker.slack"):
         notifier.post({"text": "y"}, "second alert")
         notifier.flush(1)
     assert "second alert" in caplog.text
@@ -112,13 +112,13 @@ def test_hanging_slack_never_blocks_the_caller(slack):
 
 
 def test_alerts_without_webhook_go_to_the_log(monkeypatch, caplog):
-    from monitoring.slack import reset_notifier
     from worker.settings import get_settings
+    from worker.slack import reset_notifier
 
     monkeypatch.delenv("SLACK_WEBHOOK_URL", raising=False)
     get_settings.cache_clear()
     reset_notifier()
-    with caplog.at_level(logging.INFO, logger="monitoring.alerts"):
+    with caplog.at_level(logging.INFO, logger="worker.alerts"):
         assert send_alert(Severity.WARNING, "Queue latency high", "pisp 400 s", runbook="queue-latency")
     assert "Queue latency high: pisp 400 s" in caplog.text
     assert not get_notifier().enabled

@@ -39,7 +39,7 @@ def heartbeat_scheduler() -> None:
 
 
 def test_health_ok_when_everything_is_fine(monitor, worker):
-    from jobs.outbox import beat
+    from worker.relay import beat
 
     heartbeat_scheduler()
     beat(None)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import dramatiq
 
-from monitoring.probes import job_errors, record_job_error
 from monitoring.rules import Evaluator, breakers, database, error_spike, redis_state
 from tests.conftest import wait_for
+from worker.probes import job_errors, record_job_error
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def test_error_spike_counts_errors_across_worker_processes(slack, worker, broker
         failing_job.send()
     wait_for(lambda: sum(job_errors().values()) >= 3, what="3 job errors counted")
     child = run_child("""
-        from monitoring.probes import record_job_error
+        from worker.probes import record_job_error
         for i in range(3):
             record_job_error("kyc.sumsub_webhook", f"other-{i}")
     """)
@@ -75,7 +75,7 @@ def test_breaker_open_alert_deduplicated_across_two_monitor_processes_and_resolv
 
     get_breaker("neonomics_pisp").open()
     code = """
-        from monitoring import alerts
+        from worker import alerts
         from monitoring.rules import Evaluator, breakers
         print(Evaluator(rules=(breakers,)).evaluate()["breaker-open:neonomics_pisp"])
         alerts.flush(5)
@@ -128,6 +128,6 @@ def test_a_failing_probe_never_resolves(slack, db, monkeypatch):
 
     get_breaker("sumsub").open()
     assert Evaluator(rules=(breakers,)).evaluate()["breaker-open:sumsub"] == "sent"
-    monkeypatch.setattr("monitoring.probes.breaker_statuses", lambda: 1 / 0)
+    monkeypatch.setattr("worker.probes.breaker_statuses", lambda: 1 / 0)
     assert "breaker-open:sumsub" not in Evaluator(rules=(breakers,)).evaluate()
     assert len(slack.wait(1)) == 1

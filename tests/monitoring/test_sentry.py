@@ -49,7 +49,7 @@ def decode_envelope(raw: bytes) -> list[dict]:
 
 @pytest.fixture
 def sentry(receiver, monkeypatch) -> Iterator:
-    from monitoring.sentry import init_sentry
+    from worker.sentry import init_sentry
     from worker.settings import get_settings
 
     port = receiver.server.server_address[1]
@@ -96,15 +96,15 @@ def test_job_error_envelope_has_no_pii_or_body_and_carries_request_id(sentry, wo
 
 
 def test_traces_sample_rates_per_environment():
-    from monitoring.sentry import TRACES_SAMPLE_RATE
+    from worker.sentry import TRACES_SAMPLE_RATE
 
     assert TRACES_SAMPLE_RATE["staging"] == 1.0
     assert TRACES_SAMPLE_RATE["production"] == 0.1
 
 
 def test_breaker_open_more_than_five_minutes_is_a_sentry_high_event(sentry, db, slack):
-    from monitoring.alerts import _keys
     from monitoring.rules import Evaluator, breakers
+    from worker.alerts import _keys
     from worker.breaker import get_breaker
     from worker.redis_client import get_redis
 
@@ -125,7 +125,7 @@ def test_breaker_open_more_than_five_minutes_is_a_sentry_high_event(sentry, db, 
 
 
 def test_critical_alert_goes_to_sentry_scrubbed(sentry, slack):
-    from monitoring.alerts import send_alert
+    from worker.alerts import send_alert
 
     send_alert("critical", "Late payment success", f"payment for {EMAIL} succeeded after SCA timeout",
                key="late-success")

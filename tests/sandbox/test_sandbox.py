@@ -206,6 +206,6 @@ def test_demo_refuses_to_run_outside_development():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--no-watch"], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "DROP_ENV": "staging"})
+    proc = subprocess.run([sys.executable, "-m", "monitoring.cli", "demo", "--no-watch"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "DROP_ENV": "staging"})
     assert proc.returncode == 2 and "only with DROP_ENV=development" in proc.stderr

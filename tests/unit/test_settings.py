@@ -81,7 +81,7 @@ def test_process_stops_with_one_clear_line_and_no_secret():
     env = {k: v for k, v in os.environ.items() if k not in PROD_ENV}
     env.update({k: v for k, v in PROD_ENV.items() if k != "SUMSUB_SECRET_KEY"})
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "status"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "monitoring.cli", "status"], env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

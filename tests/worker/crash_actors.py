@@ -4,13 +4,12 @@ import os
 import signal
 import time
 
-import dramatiq
-
 from db.pool import transaction
-from jobs.context import mark_outbox_done
+from jobs.registry import registry
+from worker.context import mark_outbox_done
 
 
-@dramatiq.actor(actor_name="test.slow_effect", queue_name="crash")
+@registry.job("test.slow_effect", queue="crash")
 def slow_effect(n: int, seconds: float = 0.0) -> None:
     time.sleep(seconds)
     with transaction() as conn:
@@ -26,6 +25,6 @@ def slow_effect(n: int, seconds: float = 0.0) -> None:
         mark_outbox_done(conn)
 
 
-@dramatiq.actor(actor_name="test.poison", queue_name="crash")
+@registry.job("test.poison", queue="crash")
 def poison() -> None:
     os.kill(os.getpid(), signal.SIGKILL)  # what a segfault or the OOM killer does

@@ -6,9 +6,9 @@ import dramatiq
 import pytest
 
 import jobs
-from jobs.context import request_id
 from tests.conftest import wait_for
 from worker import retry
+from worker.context import request_id
 
 ATTEMPTS: dict[str, list[float]] = {}
 SEEN_REQUEST_IDS: list[str] = []
@@ -33,7 +33,7 @@ def whoami() -> None:
 
 
 def test_the_stack_is_explicit():
-    names = [type(m).__name__ for m in jobs.broker.middleware]
+    names = [type(m).__name__ for m in jobs.app.broker.middleware]
     for expected in (
         "AgeLimit",
         "TimeLimit",
@@ -104,7 +104,7 @@ def test_jobs_carry_a_request_id_stable_across_relays(db, sql, worker, relay):
     wait_for(lambda: SEEN_REQUEST_IDS, what="job ran")
     import uuid
 
-    from jobs.outbox import _REQUEST_ID_NS
+    from worker.relay import _REQUEST_ID_NS
 
     assert SEEN_REQUEST_IDS == [str(uuid.uuid5(_REQUEST_ID_NS, "who-1"))]
 

@@ -5,8 +5,8 @@ import uuid
 
 import pytest
 
+from worker.context import request_id_var
 from worker.http import make_async_client, make_client
-from worker.middleware import request_id_var
 from worker.retry import ATTEMPT_TIMEOUT_S
 
 

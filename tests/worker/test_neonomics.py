@@ -6,7 +6,7 @@ import time
 import pytest
 
 from worker.breaker import get_breaker
-from worker.middleware import request_id_var
+from worker.context import request_id_var
 from worker.providers import get_neonomics
 from worker.providers.errors import (
     AccessExceededError,

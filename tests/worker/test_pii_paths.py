@@ -84,7 +84,7 @@ def test_no_pii_in_log_lines_or_tracebacks(pii):
 @SETTINGS
 @given(pii=PII)
 def test_no_pii_in_dead_letter_reasons_or_the_cli(db, sql, pii):
-    from worker.cli import main
+    from monitoring.cli import main
     from worker.middleware import record_dead_letter
 
     kind, seeded, secret = pii
@@ -112,7 +112,7 @@ def test_no_pii_in_dead_letter_reasons_or_the_cli(db, sql, pii):
                                                                  HealthCheck.too_slow])
 @given(pii=PII)
 def test_no_pii_in_slack_or_sentry(sentry, slack, pii):  # noqa: F811
-    from monitoring.alerts import send_alert
+    from worker.alerts import send_alert
 
     kind, seeded, secret = pii
     def slack_posts():

@@ -32,6 +32,7 @@ from worker.providers.errors import (  # noqa: F401  (the public error types)
     ServerError,
     UnexpectedStatusError,
 )
+from worker.settings import get_settings
 
 if TYPE_CHECKING:
     from worker.providers.neonomics import NeonomicsClient
@@ -43,9 +44,8 @@ _clients: dict[tuple, object] = {}
 
 def get_neonomics() -> NeonomicsClient:
     """The process's Neonomics client, configured from settings."""
+    # Imported here: the clients import worker.breaker, which imports this package's errors.
     from worker.providers.neonomics import NeonomicsClient
-    from worker.settings import get_settings
-
     s = get_settings()
     secret = s.neonomics_client_secret.get_secret_value() if s.neonomics_client_secret else ""
     cache_key = ("neonomics", os.getpid(), s.neonomics_api_url, s.neonomics_client_id, s.provider_timeout_s)
@@ -61,9 +61,7 @@ def get_neonomics() -> NeonomicsClient:
 
 def get_sumsub() -> SumsubClient:
     """The process's Sumsub client, configured from settings."""
-    from worker.providers.sumsub import SumsubClient
-    from worker.settings import get_settings
-
+    from worker.providers.sumsub import SumsubClient  # as above: after worker.breaker
     s = get_settings()
     token = s.sumsub_app_token.get_secret_value() if s.sumsub_app_token else ""
     secret = s.sumsub_secret_key.get_secret_value().encode() if s.sumsub_secret_key else b""

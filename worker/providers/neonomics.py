@@ -34,6 +34,7 @@ from worker.providers.errors import (
     error_for_response,
     error_for_transport,
 )
+from worker.settings import get_settings
 
 # Balance types in order of preference (docs/aisp.md: prefer `expected`).
 BALANCE_PREFERENCE = ("expected", "interimAvailable", "closingBooked", "interimBooked", "openingBooked")
@@ -532,7 +533,6 @@ _async_lock = threading.Lock()
 
 def get_async_neonomics() -> AsyncNeonomicsClient:
     """The running event loop's Neonomics client, configured from settings (call inside a coroutine)."""
-    from worker.settings import get_settings
 
     loop = asyncio.get_running_loop()
     s = get_settings()

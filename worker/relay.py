@@ -19,10 +19,12 @@ kind to deploy or monitor, and SKIP LOCKED lets any number run side by side.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,9 +34,16 @@ from pathlib import Path
 import dramatiq
 import psycopg
 import redis
+from dramatiq.cli import make_argument_parser
 
+from db import outbox
 from db.pool import connect, transaction
+from worker import dramatiq_redis
+from worker.alerts import send_alert
+from worker.logs import setup_logging
 from worker.pii import scrub_text
+from worker.redelivery import MaintenanceTimer
+from worker.redis_client import get_redis, key
 
 log = logging.getLogger(__name__)
 
@@ -126,41 +135,6 @@ def _message_or_reason(broker: dramatiq.Broker, row: dict) -> tuple[dramatiq.Mes
         return None, f"row cannot become a message ({type(error).__name__})"
 
 
-def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message]) -> None:
-    """Enqueue messages in one Redis round trip (a pipeline), with the broker's own middleware hooks.
-
-    `RedisBroker.enqueue` costs one round trip per message; at the fan-out's scale (a million
-    refreshes per slot) that round trip, not PostgreSQL, bounded the relay. This does what
-    RedisBroker.enqueue does for each message (fresh redis_message_id, before/after_enqueue
-    hooks, the `dispatch` script's "enqueue" command), only sent as one pipeline. Not atomic:
-    like a crash between sends, a failure part-way leaves the batch unmarked and it is sent
-    again, which at-least-once delivery allows. Other brokers (tests' stub) fall back to enqueue().
-    """
-    dispatch = getattr(broker, "scripts", {}).get("dispatch")
-    if dispatch is None or not messages:
-        for message in messages:
-            broker.enqueue(message)
-        return
-    from dramatiq.common import current_millis
-
-    prepared = []
-    for message in messages:
-        message = message.copy(options={"redis_message_id": str(uuid.uuid4())})
-        broker.emit_before("enqueue", message, None)
-        prepared.append(message)
-    pipe = broker.client.pipeline(transaction=False)  # type: ignore[attr-defined]
-    now = current_millis()
-    for message in prepared:
-        dispatch(keys=[broker.namespace], client=pipe,  # type: ignore[attr-defined]
-                 args=["enqueue", now, message.queue_name, broker.broker_id,  # type: ignore[attr-defined]
-                       broker.heartbeat_timeout, broker.dead_message_ttl, 0,  # type: ignore[attr-defined]
-                       broker._max_unpack_size(),  # type: ignore[attr-defined]
-                       message.options["redis_message_id"], message.encode()])
-    pipe.execute()
-    for message in prepared:
-        broker.emit_after("enqueue", message, None)
-
-
 def within_budget(sizes: list[tuple[int, int]], budget: int) -> list[int]:
     """The ids (in order) whose payload bytes fit in `budget`; always at least the first, so a
     row at the size limit still moves when the budget is smaller than it."""
@@ -177,26 +151,13 @@ def within_budget(sizes: list[tuple[int, int]], budget: int) -> list[int]:
 def relay_once(limit: int = BATCH_SIZE, *, redeliver_after: timedelta = REDELIVER_AFTER,
                byte_budget: int = BATCH_BYTE_BUDGET) -> RelayResult:
     """Relay up to `limit` due rows (and at most `byte_budget` payload bytes); return the counts."""
-    broker = dramatiq.get_broker()
+    broker = dramatiq_redis.global_broker()
     with transaction() as conn:
         # Sizes first, payloads second: the payloads of a batch never exceed the byte budget in
         # the relay's memory, however large the rows that are due.
-        sizes = conn.execute(
-            """SELECT id, octet_length(payload::text) AS size
-                 FROM job_outbox
-                WHERE done_at IS NULL AND error IS NULL AND available_at <= now()
-                  AND (relayed_at IS NULL OR relayed_at < now() - %s)
-                ORDER BY id
-                LIMIT %s
-                FOR UPDATE SKIP LOCKED""",
-            (redeliver_after, limit),
-        ).fetchall()
+        sizes = outbox.due_sizes(conn, redeliver_after, limit)
         chosen = within_budget([(r["id"], r["size"]) for r in sizes], byte_budget)
-        rows = conn.execute(
-            """SELECT id, job, payload::text AS payload_text, idempotency_key
-                 FROM job_outbox WHERE id = ANY(%s) ORDER BY id""",
-            (chosen,),
-        ).fetchall() if chosen else []
+        rows = outbox.rows_to_relay(conn, chosen)
         sent: list[int] = []
         messages: list[dramatiq.Message] = []
         rejected: list[tuple[str, int]] = []
@@ -208,19 +169,12 @@ def relay_once(limit: int = BATCH_SIZE, *, redeliver_after: timedelta = REDELIVE
             messages.append(message)
             sent.append(row["id"])
         del rows
-        enqueue_many(broker, messages)
-        if sent:
-            conn.execute(
-                "UPDATE job_outbox SET relayed_at = now(), relay_count = relay_count + 1 WHERE id = ANY(%s)",
-                (sent,),
-            )
-        if rejected:
-            conn.cursor().executemany("UPDATE job_outbox SET error = %s WHERE id = %s", rejected)
+        dramatiq_redis.enqueue_many(broker, messages)
+        outbox.mark_relayed(conn, sent)
+        outbox.close_rejected(conn, rejected)
     for reason, row_id in rejected:
         log.error("outbox row %s rejected: %s", row_id, reason)
     if rejected:
-        from monitoring.alerts import send_alert
-
         send_alert(
             "high",
             "Outbox rows rejected",
@@ -235,19 +189,12 @@ def relay_once(limit: int = BATCH_SIZE, *, redeliver_after: timedelta = REDELIVE
 
 def check_broker_epoch() -> int:
     """If Redis lost its data since the last pass, reopen relayed-but-not-done rows; return how many."""
-    from worker.redis_client import get_redis, key
-
     client, epoch_key = get_redis(), key("broker", "epoch")
     if client.exists(epoch_key) or not client.set(epoch_key, str(uuid.uuid4()), nx=True):
         return 0
     with transaction() as conn:
-        reopened = conn.execute(
-            """UPDATE job_outbox SET relayed_at = NULL
-                WHERE relayed_at IS NOT NULL AND done_at IS NULL AND error IS NULL"""
-        ).rowcount
+        reopened = outbox.reopen_relayed(conn)
     if reopened:
-        from monitoring.alerts import send_alert
-
         log.warning("Redis lost its queues: %d outbox row(s) will be relayed again", reopened)
         send_alert(
             "warning",
@@ -273,11 +220,11 @@ def drain(limit: int = BATCH_SIZE, *, heartbeat_file: Path | None = None) -> int
 
 
 RELAY_HEARTBEAT_TTL_S = 30
+# The module that builds the broker and declares every job (what `dramatiq` is told to load).
+COMPOSITION_ROOT = "jobs.app"
 
 
 def relay_heartbeats_key() -> str:
-    from worker.redis_client import key
-
     return key("relay", "heartbeats")
 
 
@@ -289,8 +236,6 @@ def beat(heartbeat_file: Path | None) -> None:
         with contextlib.suppress(OSError):
             heartbeat_file.write_text(str(os.getpid()))
     with contextlib.suppress(Exception):
-        from worker.redis_client import get_redis
-
         now = time.time()
         client = get_redis()
         pipe = client.pipeline(transaction=False)
@@ -301,8 +246,6 @@ def beat(heartbeat_file: Path | None) -> None:
 
 def relays_alive(within_s: float = RELAY_HEARTBEAT_TTL_S) -> int:
     """How many relays beat within the last `within_s` seconds (any host)."""
-    from worker.redis_client import get_redis
-
     return int(get_redis().zcount(relay_heartbeats_key(), time.time() - within_s, "+inf"))
 
 
@@ -312,10 +255,8 @@ def run_relay(stop_after: float | None = None, *, heartbeat_file: Path | None = 
     Nothing a row, PostgreSQL or Redis does ends this loop: rows that cannot be relayed are
     closed with a reason inside `relay_once`, and any other exception pauses the loop (with a
     growing back-off) and starts it again."""
-    from worker.redelivery import MaintenanceTimer
-
     deadline = None if stop_after is None else time.monotonic() + stop_after
-    maintenance = MaintenanceTimer(dramatiq.get_broker())
+    maintenance = MaintenanceTimer(dramatiq_redis.global_broker())
     failures = 0
     while deadline is None or time.monotonic() < deadline:
         beat(heartbeat_file)
@@ -355,22 +296,14 @@ def _pause(seconds: float, heartbeat_file: Path | None) -> None:
 
 def run_relay_fork() -> int:
     """Entry point of the relay fork that Dramatiq starts beside each worker pool."""
-    import importlib
-    import sys
-
-    from dramatiq.cli import make_argument_parser
-
-    import jobs  # noqa: F401  (installs the broker and registers the actors)
-    from worker.logs import setup_logging
-
     # The fork runs inside the `dramatiq` CLI: load the same modules the workers load, so every
     # job they can run is a job the relay can send.
     try:
         cli_args = make_argument_parser().parse_args(sys.argv[1:])
         for module in [cli_args.broker, *cli_args.modules]:
             importlib.import_module(module.split(":")[0])
-    except SystemExit:  # not started by the dramatiq CLI
-        pass
+    except SystemExit:  # not started by the dramatiq CLI: load the composition root by name
+        importlib.import_module(COMPOSITION_ROOT)
 
     setup_logging()
     log.info("outbox relay started")

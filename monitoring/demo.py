@@ -17,7 +17,12 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import httpx
+
+import jobs
 from db.pool import transaction
+from sandbox.admin import SandboxAdmin
+from worker.providers import get_neonomics
 from worker.settings import get_settings
 
 DEMO_USERS = [
@@ -29,9 +34,7 @@ DEMO_USERS = [
 
 def _sandbox():
     """The sandbox admin client when the provider URL points at a running sandbox, else None."""
-    import httpx
 
-    from sandbox.admin import SandboxAdmin
 
     url = get_settings().neonomics_api_url.rstrip("/")
     deadline = time.monotonic() + 20
@@ -67,10 +70,7 @@ def seed(run_id: str) -> None:
 
 
 def _start_payment(admin, run_id: str, n: int, *, confirm: bool) -> str:
-    import httpx
 
-    import jobs
-    from worker.providers import get_neonomics
 
     tx_id = f"demo-tx-{run_id}-{n}"
     payment = get_neonomics().initiate_payment(
@@ -104,7 +104,6 @@ def _start_payment(admin, run_id: str, n: int, *, confirm: bool) -> str:
 
 def start(run_id: str) -> dict:
     """Kick off the demo's work; return what to watch."""
-    import jobs
 
     seed(run_id)
     admin, url = _sandbox()

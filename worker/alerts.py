@@ -27,13 +27,21 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-log = logging.getLogger("monitoring.alerts")
+from worker.metrics import ALERTS_SENT, ALERTS_SUPPRESSED
+from worker.pii import scrub_text
+from worker.redis_client import get_redis, key
+from worker.sentry import capture_alert
+from worker.settings import get_settings
+from worker.slack import get_notifier
+
+log = logging.getLogger("worker.alerts")
 
 
 class Severity(StrEnum):
@@ -66,7 +74,6 @@ _local_sent: dict[str, float] = {}  # key → monotonic time of the last send (R
 
 
 def _keys(alert_key: str) -> tuple[str, str]:
-    from worker.redis_client import key
 
     return key("alert", alert_key, "active"), key("alert", alert_key, "cooldown")
 
@@ -77,7 +84,6 @@ def runbook_link(runbook: str | None) -> str | None:
         return None
     if runbook.startswith(("http://", "https://")):
         return runbook
-    from worker.settings import get_settings
 
     return f"{get_settings().runbook_url}#{runbook}"
 
@@ -145,9 +151,6 @@ def _source() -> str:
 
 def _deliver(severity: Severity, title: str, message: str, runbook: str | None,
              alert_key: str | None, sentry: bool) -> None:
-    from monitoring.metrics import ALERTS_SENT
-    from monitoring.slack import get_notifier
-    from worker.settings import get_settings
 
     settings = get_settings()
     link = runbook_link(runbook)
@@ -158,13 +161,11 @@ def _deliver(severity: Severity, title: str, message: str, runbook: str | None,
                            source=_source())
     get_notifier().post(payload, summary)
     if sentry and severity in (Severity.HIGH, Severity.CRITICAL):
-        from monitoring.sentry import capture_alert
 
         capture_alert(severity.value, title, message, alert_key=alert_key)
 
 
 def _clean(text: str) -> str:
-    from worker.pii import scrub_text
 
     text = scrub_text(str(text))
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
@@ -195,8 +196,6 @@ def send_alert(
     `key` names the incident for dedup/resolve (e.g. "breaker-open:neonomics_pisp"); `runbook`
     is an anchor in docs/runbook.md (or a URL); `cooldown_s` defaults to DROP_ALERT_COOLDOWN_S.
     """
-    from monitoring.metrics import ALERTS_SUPPRESSED
-    from worker.settings import get_settings
 
     severity = Severity(severity)
     title, message = _clean(title), _clean(message)
@@ -204,8 +203,6 @@ def send_alert(
         cooldown = int(cooldown_s if cooldown_s is not None else get_settings().alert_cooldown_s)
         active_key, cooldown_key = _keys(key)
         try:
-            from worker.redis_client import get_redis
-
             client = get_redis()
             marker = json.dumps({"severity": severity.value, "title": title, "since": time.time()})
             pipe = client.pipeline(transaction=True)
@@ -228,8 +225,6 @@ def resolve_alert(key: str, message: str | None = None, *, runbook: str | None =
     """Close the incident `key`: one "resolved" message (across replicas) if it was active."""
     active_key, cooldown_key = _keys(key)
     try:
-        from worker.redis_client import get_redis
-
         client = get_redis()
         pipe = client.pipeline(transaction=True)
         pipe.getdel(active_key)
@@ -256,7 +251,6 @@ def resolve_alert(key: str, message: str | None = None, *, runbook: str | None =
 
 def active_since(key: str) -> float | None:
     """Unix time the incident `key` started, or None if it is not active."""
-    from worker.redis_client import get_redis
 
     raw = get_redis().get(_keys(key)[0])
     if raw is None:
@@ -270,7 +264,6 @@ def active_since(key: str) -> float | None:
 
 def once(name: str, ttl_s: float) -> bool:
     """True for exactly one caller across all processes per `ttl_s` (True if Redis is down)."""
-    from worker.redis_client import get_redis, key
 
     try:
         return bool(get_redis().set(key("alert-once", name), "1", nx=True, ex=max(1, int(ttl_s))))
@@ -279,7 +272,6 @@ def once(name: str, ttl_s: float) -> bool:
 
 
 def forget_once(name: str) -> None:
-    from worker.redis_client import get_redis, key
 
     try:
         get_redis().delete(key("alert-once", name))
@@ -289,7 +281,6 @@ def forget_once(name: str) -> None:
 
 def flush(timeout: float = 5.0) -> bool:
     """Wait for queued Slack messages (call before a process exits)."""
-    from monitoring.slack import get_notifier
 
     return get_notifier().flush(timeout)
 
@@ -318,7 +309,6 @@ def process_stopping(kind: str, reason: str) -> None:
 
 def install_crash_alerts(kind: str) -> None:
     """An uncaught exception (main thread or any thread) → CRITICAL alert, then default handling."""
-    import sys
 
     previous_hook = sys.excepthook
     previous_thread_hook = threading.excepthook

@@ -22,9 +22,12 @@ from typing import Any
 
 from slack_sdk.webhook import WebhookClient
 
-log = logging.getLogger("monitoring.slack")
+from worker.metrics import ALERT_DELIVERY_FAILURES
+from worker.settings import get_settings
+
+log = logging.getLogger("worker.slack")
 # slack_sdk logs the request URL (the secret) at DEBUG: never let it through.
-_sdk_log = logging.getLogger("monitoring.slack.sdk")
+_sdk_log = logging.getLogger("worker.slack.sdk")
 _sdk_log.setLevel(logging.CRITICAL)
 _sdk_log.propagate = False
 
@@ -177,7 +180,6 @@ def _retry_after(headers: dict[str, Any]) -> float:
 
 
 def _count_failure() -> None:
-    from monitoring.metrics import ALERT_DELIVERY_FAILURES
 
     ALERT_DELIVERY_FAILURES.inc()
 
@@ -194,7 +196,6 @@ def get_notifier() -> SlackNotifier:
     global _notifier, _notifier_pid
     with _lock:
         if _notifier is None or _notifier_pid != os.getpid():
-            from worker.settings import get_settings
 
             settings = get_settings()
             url = settings.slack_webhook_url.get_secret_value() if settings.slack_webhook_url else None

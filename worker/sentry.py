@@ -2,7 +2,7 @@
 
 - environment = DROP_ENV; traces sampled 100 % outside production, 10 % in production
   (docs/monitoring.md); `send_default_pii=False`; no local variables, no request bodies.
-- Jobs are covered by Sentry's Dramatiq integration (monitoring.middleware.SentryJobs is that
+- Jobs are covered by Sentry's Dramatiq integration (worker.middleware.SentryJobs is that
   integration's middleware, in the broker's stack from the start, so a worker that initialises
   Sentry at process boot still reports its jobs); each job event carries `request_id` and `job`.
 - Every event, transaction and breadcrumb goes through `scrub_event()`: Dramatiq message
@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import logging
 import re
+from importlib.metadata import version
 from typing import Any
 
 import sentry_sdk
+from sentry_sdk.integrations.dramatiq import DramatiqIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 
+from worker.context import request_id_var
 from worker.pii import REDACTED, scrub, scrub_text, scrub_url
+from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +34,7 @@ _SYSTEM_CONTEXTS = frozenset({"trace", "runtime", "os", "device", "app", "otel",
 
 def init_sentry(process_kind: str) -> bool:
     """Start Sentry for this process if SENTRY_DSN is set; returns whether it is on."""
-    from sentry_sdk.integrations.dramatiq import DramatiqIntegration
-    from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 
-    from worker.settings import get_settings
 
     settings = get_settings()
     if not settings.sentry_dsn:
@@ -54,7 +56,7 @@ def init_sentry(process_kind: str) -> bool:
     # Dramatiq's worker and middleware loggers print the whole message (args = raw webhook bodies,
     # names) in "Failed to process message …" / "Retrying message …"; the job's exception itself
     # reaches Sentry through the Dramatiq integration, without the message.
-    for name in ("monitoring.alerts", "monitoring.slack", "dramatiq.worker.WorkerThread", "dramatiq.middleware.*"):
+    for name in ("worker.alerts", "worker.slack", "dramatiq.worker.WorkerThread", "dramatiq.middleware.*"):
         ignore_logger(name)
     sentry_sdk.get_global_scope().set_tag("process_kind", process_kind)
     log.info("Sentry on (environment %s, traces %.0f %%)", settings.drop_env,
@@ -64,8 +66,6 @@ def init_sentry(process_kind: str) -> bool:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("drop-worker")
     except Exception:
         return "0"
@@ -181,8 +181,6 @@ def scrub_breadcrumb(crumb: dict[str, Any]) -> dict[str, Any]:
 
 def _before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any] | None:
     try:
-        from worker.middleware import request_id_var
-
         tags = event.setdefault("tags", {})
         rid = request_id_var.get()
         if rid and isinstance(tags, dict) and "request_id" not in tags:

@@ -3,40 +3,42 @@
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Iterable
 from typing import Any
 
-import dramatiq
-
+from db import outbox
+from db.pool import transaction
+from worker import breaker, dramatiq_redis
 from worker.redis_client import get_redis, key
+from worker.settings import get_settings
 
 
-def queue_stats(broker: dramatiq.Broker) -> list[dict[str, Any]]:
-    """Ready, delayed and (Redis-side) dead messages per declared queue."""
-    client = broker.client  # type: ignore[attr-defined]
-    ns = broker.namespace  # type: ignore[attr-defined]
-    queues = sorted(q for q in broker.get_declared_queues() if not q.endswith(".DQ"))
-    pipe = client.pipeline(transaction=False)
-    for q in queues:
-        pipe.llen(f"{ns}:{q}")
-        pipe.llen(f"{ns}:{q}.DQ")
-        pipe.zcard(f"{ns}:{q}.XQ")
-    values = pipe.execute()
-    return [
-        {"queue": q, "ready": values[3 * i], "delayed": values[3 * i + 1], "dead": values[3 * i + 2]}
-        for i, q in enumerate(queues)
-    ]
+def _dramatiq() -> tuple[Any, str]:
+    return get_redis(), dramatiq_redis.namespace(get_settings())
 
 
-def workers_alive(broker: dramatiq.Broker, within_ms: int = 30_000) -> int:
+def queues(declared: Iterable[str] = ()) -> list[str]:
+    """The declared queues and any other queue that holds messages in Redis."""
+    client, ns = _dramatiq()
+    return dramatiq_redis.queues_in_redis(client, ns, declared)
+
+
+def queue_stats(names: Iterable[str]) -> list[dict[str, Any]]:
+    """Ready, delayed and (Redis-side) dead messages per queue."""
+    client, ns = _dramatiq()
+    return dramatiq_redis.queue_stats(client, ns, list(names))
+
+
+def queue_oldest_age(names: list[str]) -> dict[str, float]:
+    """Age in seconds of the oldest ready message per queue (0 when empty)."""
+    client, ns = _dramatiq()
+    return dramatiq_redis.queue_oldest_age(client, ns, names)
+
+
+def workers_alive(within_ms: int = 30_000) -> int:
     """Worker consumers whose heartbeat Dramatiq saw recently."""
-    from worker.redelivery import MAINTENANCE_ID_PREFIX
-
-    client = broker.client  # type: ignore[attr-defined]
-    now_ms = int(time.time() * 1000)
-    members = client.zrangebyscore(f"{broker.namespace}:__heartbeats__", now_ms - within_ms, "+inf")  # type: ignore[attr-defined]
-    # The maintenance pass (worker.redelivery) leaves a heartbeat too; it is not a worker.
-    return sum(1 for m in members if not (m.decode() if isinstance(m, bytes) else m).startswith(MAINTENANCE_ID_PREFIX))
+    client, ns = _dramatiq()
+    return dramatiq_redis.workers_alive(client, ns, within_ms)
 
 
 def breaker_states() -> dict[str, str]:
@@ -46,39 +48,10 @@ def breaker_states() -> dict[str, str]:
 
 def breaker_statuses() -> dict[str, Any]:
     """worker.breaker's BreakerStatus per breaker, read from Redis (the shared truth)."""
-    try:
-        from worker.breaker import breaker_statuses as statuses
-    except ImportError:  # the provider layer is optional for the monitor
-        return {}
-    return statuses()
+    return breaker.breaker_statuses()
 
 
-def queue_oldest_age(broker: dramatiq.Broker, queues: list[str]) -> dict[str, float]:
-    """Age in seconds of the oldest ready message per queue (0 when empty)."""
-    client = broker.client  # type: ignore[attr-defined]
-    ns = broker.namespace  # type: ignore[attr-defined]
-    pipe = client.pipeline(transaction=False)
-    for q in queues:
-        pipe.lindex(f"{ns}:{q}", 0)  # the Redis broker RPUSHes and LPOPs: index 0 is oldest
-    heads = pipe.execute()
-    pipe = client.pipeline(transaction=False)
-    for q, head in zip(queues, heads, strict=True):
-        pipe.hget(f"{ns}:{q}.msgs", head or b"-")
-    bodies = pipe.execute()
-    now_ms = time.time() * 1000
-    ages: dict[str, float] = {}
-    for q, body in zip(queues, bodies, strict=True):
-        age = 0.0
-        if body:
-            try:
-                age = max(0.0, (now_ms - float(json.loads(body)["message_timestamp"])) / 1000)
-            except (ValueError, KeyError, TypeError):
-                age = 0.0
-        ages[q] = age
-    return ages
-
-
-# --- error window (written by monitoring.middleware.ErrorCounter on every job error) ----------
+# --- error window (written by worker.middleware.ErrorCounter on every job error) ----------
 
 ERROR_WINDOW_S = 60
 
@@ -125,20 +98,10 @@ KYC_REVIEWED = ("approved", "rejected", "retry")
 
 def database_state() -> dict[str, Any]:
     """Everything the monitor derives from PostgreSQL, in one short read-only transaction."""
-    from db.pool import transaction
-
     with transaction() as conn:
         conn.execute("SET LOCAL statement_timeout = 2000")
-        dead = conn.execute(
-            """SELECT job, count(*) AS n, max(id) AS newest FROM dead_letters
-                WHERE replayed_at IS NULL GROUP BY job ORDER BY n DESC"""
-        ).fetchall()
-        outbox = conn.execute(
-            """SELECT count(*) AS backlog,
-                      COALESCE(extract(epoch FROM now() - min(available_at)), 0)::float8 AS oldest
-                 FROM job_outbox
-                WHERE done_at IS NULL AND error IS NULL AND available_at <= now()"""
-        ).fetchone()
+        dead = outbox.open_dead_letters_by_job(conn)
+        backlog = outbox.backlog(conn)
         kyc = conn.execute(
             """SELECT count(*) FILTER (WHERE result = 'approved') AS approved,
                       count(*) AS reviewed
@@ -167,8 +130,8 @@ def database_state() -> dict[str, Any]:
     return {
         "dead_letters": {r["job"]: int(r["n"]) for r in dead},
         "dead_letters_newest_id": max((int(r["newest"]) for r in dead), default=0),
-        "outbox_backlog": int(outbox["backlog"]),
-        "outbox_oldest_age_s": float(outbox["oldest"]),
+        "outbox_backlog": int(backlog["backlog"]),
+        "outbox_oldest_age_s": float(backlog["oldest"]),
         "kyc_approved": int(kyc["approved"]),
         "kyc_reviewed": int(kyc["reviewed"]),
         "aisp_accounts": int(aisp["accounts"]),

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextvars
 import uuid
 
 import psycopg
 from dramatiq.middleware import CurrentMessage
 
-from worker.middleware import request_id_var
+from db import outbox
+from db.pool import transaction
+
+# Set by worker.middleware.RequestContext while a job runs.
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("drop_request_id", default=None)
 
 
 def request_id() -> str:
@@ -24,7 +29,7 @@ def mark_outbox_done(conn: psycopg.Connection) -> None:
     """Mark this job's outbox row done inside the caller's transaction (with its effects)."""
     outbox_id = current_outbox_id()
     if outbox_id is not None:
-        conn.execute("UPDATE job_outbox SET done_at = now() WHERE id = %s AND done_at IS NULL", (outbox_id,))
+        outbox.mark_done(conn, outbox_id)
         note_outbox_done()
 
 
@@ -39,7 +44,5 @@ def note_outbox_done() -> None:
 
 
 def mark_outbox_done_by_id(outbox_id: int) -> None:
-    from db.pool import transaction
-
     with transaction() as conn:
-        conn.execute("UPDATE job_outbox SET done_at = now() WHERE id = %s AND done_at IS NULL", (outbox_id,))
+        outbox.mark_done(conn, outbox_id)

@@ -13,10 +13,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import honcho.manager
+import psycopg
+import redis
+from honcho.environ import parse_procfile
+from psycopg.conninfo import conninfo_to_dict
+
+import jobs
+from db import outbox
+from db.migrate import migrate
+from db.pool import database_url, transaction
+from monitoring import demo
+from worker import dlq
+from worker.embedded import EmbeddedUnavailable, ensure_services
+from worker.logs import setup_logging
+from worker.pii import scrub_text
+from worker.probes import breaker_states, queue_stats, queues, scheduler_leader
 from worker.settings import ConfigurationError, Settings, get_settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +64,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-    from db.migrate import migrate
-    from db.pool import database_url
 
     applied = migrate(database_url())
     print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
@@ -55,7 +71,6 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    import jobs
 
     try:
         payload = json.loads(args.payload)
@@ -79,32 +94,19 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 def collect_status() -> dict[str, Any]:
     """Everything `status` shows, as data (also used by the monitor and tests)."""
-    import jobs
-    from db.pool import transaction
-    from monitoring.probes import breaker_states, queue_stats
 
-    status: dict[str, Any] = {"queues": queue_stats(jobs.broker), "breakers": breaker_states()}
+    status: dict[str, Any] = {"queues": queue_stats(queues(jobs.registry.queues())), "breakers": breaker_states()}
     with transaction() as conn:
-        status["dead_letters"] = conn.execute(
-            """SELECT job, count(*) AS count, max(failed_at) AS newest
-                 FROM dead_letters WHERE replayed_at IS NULL GROUP BY job ORDER BY job"""
-        ).fetchall()
-        status["outbox"] = conn.execute(
-            """SELECT count(*) FILTER (WHERE done_at IS NULL AND error IS NULL) AS pending,
-                      count(*) FILTER (WHERE done_at IS NULL AND error IS NULL AND relayed_at IS NULL
-                                       AND available_at <= now()) AS unrelayed,
-                      count(*) FILTER (WHERE error IS NOT NULL AND done_at IS NULL) AS failed,
-                      extract(epoch FROM now() - min(available_at)
-                              FILTER (WHERE done_at IS NULL AND error IS NULL AND available_at <= now()))
-                          AS oldest_pending_s
-                 FROM job_outbox"""
-        ).fetchone()
+        status["dead_letters"] = [
+            {"job": r["job"], "count": r["n"], "newest": r["newest_at"]}
+            for r in sorted(outbox.open_dead_letters_by_job(conn), key=lambda r: r["job"])
+        ]
+        status["outbox"] = outbox.status(conn)
         status["scheduler"] = conn.execute(
             """SELECT DISTINCT ON (job) job, slot, status, leader,
                       extract(epoch FROM now() - fired_at) AS age_s
                  FROM scheduler_fires ORDER BY job, fired_at DESC"""
         ).fetchall()
-    from monitoring.probes import scheduler_leader
 
     status["scheduler_leader"] = scheduler_leader()
     return status
@@ -155,8 +157,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from worker import dlq
-    from worker.pii import scrub_text
 
     if args.dlq_command == "list":
         rows = dlq.list_dead_letters(limit=args.limit, job=args.job)
@@ -201,8 +201,6 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker import demo
-    from worker.settings import get_settings
 
     if get_settings().drop_env != "development":
         # The demo writes fake users, payments and KYC reviews: never into a real database.
@@ -216,13 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the whole system: embedded servers if needed, migrate, Procfile, demo progress."""
-    import threading
 
-    import honcho.manager
-    from honcho.environ import parse_procfile
-
-    from worker.embedded import EmbeddedUnavailable, ensure_services
-    from worker.logs import setup_logging
 
     settings = load_settings()
     setup_logging()
@@ -269,8 +261,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 manager.add_process(name, command, env=env, cwd=str(ROOT))
         finished = threading.Event()
         if not args.no_demo:
-            from worker import demo
-
             threading.Thread(
                 target=demo.run_demo,
                 kwargs={"watch": True, "timeout": args.demo_timeout, "should_stop": finished.is_set},
@@ -295,7 +285,6 @@ def ports_in_use(settings: Settings) -> list[str]:
     """Before `run` starts anything: each port it needs that something else holds, with the
     variable to change (a second `make run` beside the first would otherwise die half-way, after
     its demo had driven the first one's sandbox)."""
-    import socket
 
     wanted = [("DROP_MONITOR_PORT", settings.monitor_host, settings.monitor_port),
               ("DROP_WORKER_METRICS_PORT", settings.monitor_host, settings.worker_metrics_port),
@@ -397,11 +386,7 @@ NEEDS_SERVERS = {"status": True, "dlq": True, "enqueue": False, "migrate": False
 def unreachable_servers(*, need_redis: bool) -> list[str]:
     """One line per server that cannot be reached, naming it, where and why (never a URL: it
     may carry a password), found within a few seconds instead of a pool's 10 s timeout."""
-    import psycopg
-    import redis
-    from psycopg.conninfo import conninfo_to_dict
 
-    from worker.pii import scrub_text
 
     settings = get_settings()
     problems = []
@@ -441,7 +426,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"drop-worker: configuration error: {error}", file=sys.stderr)
         return 2
     if args.command != "run":
-        from worker.logs import setup_logging
 
         setup_logging("WARNING")
     if args.command in NEEDS_SERVERS:

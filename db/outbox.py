@@ -1,0 +1,241 @@
+"""The SQL of the outbox and dead-letter contract: every statement on `job_outbox` and
+`dead_letters` is here (docs/enqueue.md, docs/architecture.md).
+
+Functions take the caller's connection, so a job's effects, its "done" mark and its follow-up
+jobs commit in one transaction. Statements that a job family combines with its own SQL in one
+round trip (AISP) use the fragments at the end; their text lives here all the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+# Makes one statement an internal producer's: migration 0006 lets only such statements write
+# keys under the reserved prefix.
+INTERNAL_PRODUCER_CTE = "producer AS (SELECT job_outbox_as_internal_producer())"
+INSERT_COLUMNS = "INSERT INTO job_outbox (job, payload, idempotency_key, available_at)"
+# A job's row done, with the job's effects (as a statement, or a CTE of a larger one).
+MARK_DONE_BY_NAME = "UPDATE job_outbox SET done_at = now() WHERE id = %(outbox_id)s AND done_at IS NULL"
+
+_INSERT = f"""{INSERT_COLUMNS}
+    VALUES (%s, %s, %s, COALESCE(%s, now()))
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id"""
+_INSERT_INTERNAL = f"""WITH {INTERNAL_PRODUCER_CTE}
+    {INSERT_COLUMNS}
+    SELECT %s, %s, %s, COALESCE(%s, now()) FROM producer
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id"""
+
+
+def _id(row: Any) -> int | None:
+    if row is None:
+        return None
+    return int(row["id"] if isinstance(row, dict) else row[0])
+
+
+# --- enqueue ---------------------------------------------------------------------------------
+
+
+def insert(conn: psycopg.Connection, job: str, payload: dict[str, Any], key: str,
+           available_at: datetime | None) -> int | None:
+    """A caller's job; None when the key was already used."""
+    return _id(conn.execute(_INSERT, (job, Jsonb(payload), key, available_at)).fetchone())
+
+
+def insert_internal(conn: psycopg.Connection, job: str, payload: dict[str, Any], key: str,
+                    available_at: datetime | None) -> int | None:
+    """An internal producer's job (reserved key); None when the key was already used."""
+    return _id(conn.execute(_INSERT_INTERNAL, (job, Jsonb(payload), key, available_at)).fetchone())
+
+
+def holder_of_key(conn: psycopg.Connection, key: str, available_at: datetime | None) -> dict[str, Any] | None:
+    """The row holding `key`: id, job, payload and whether it is due no later than asked."""
+    row = conn.execute(
+        """SELECT id, job, payload, available_at <= COALESCE(%s, now()) + interval '1 minute' AS due_in_time
+             FROM job_outbox WHERE idempotency_key = %s""",
+        (available_at, key),
+    ).fetchone()
+    if row is None:
+        return None
+    return row if isinstance(row, dict) else dict(zip(("id", "job", "payload", "due_in_time"), row, strict=True))
+
+
+def mark_done(conn: psycopg.Connection, outbox_id: int) -> None:
+    conn.execute(MARK_DONE_BY_NAME, {"outbox_id": outbox_id})
+
+
+# --- relay -----------------------------------------------------------------------------------
+
+
+def due_sizes(conn: psycopg.Connection, redeliver_after: timedelta, limit: int) -> list[dict[str, Any]]:
+    """Due rows (id, payload bytes), locked for this relay pass; sizes first so a batch's
+    payloads never exceed the relay's byte budget in memory."""
+    return conn.execute(
+        """SELECT id, octet_length(payload::text) AS size
+             FROM job_outbox
+            WHERE done_at IS NULL AND error IS NULL AND available_at <= now()
+              AND (relayed_at IS NULL OR relayed_at < now() - %s)
+            ORDER BY id
+            LIMIT %s
+            FOR UPDATE SKIP LOCKED""",
+        (redeliver_after, limit),
+    ).fetchall()
+
+
+def rows_to_relay(conn: psycopg.Connection, ids: Sequence[int]) -> list[dict[str, Any]]:
+    """The rows as text: decoding is the relay's, row by row (a hostile payload is one row's problem)."""
+    if not ids:
+        return []
+    return conn.execute(
+        """SELECT id, job, payload::text AS payload_text, idempotency_key
+             FROM job_outbox WHERE id = ANY(%s) ORDER BY id""",
+        (list(ids),),
+    ).fetchall()
+
+
+def mark_relayed(conn: psycopg.Connection, ids: Sequence[int]) -> None:
+    if ids:
+        conn.execute("UPDATE job_outbox SET relayed_at = now(), relay_count = relay_count + 1 WHERE id = ANY(%s)",
+                     (list(ids),))
+
+
+def close_rejected(conn: psycopg.Connection, rejected: Sequence[tuple[str, int]]) -> None:
+    """Rows that cannot become a job: closed with their reason, never relayed again."""
+    if rejected:
+        conn.cursor().executemany("UPDATE job_outbox SET error = %s WHERE id = %s", list(rejected))
+
+
+def reopen_relayed(conn: psycopg.Connection) -> int:
+    """After the broker lost its data: every relayed-but-not-done row is sent again."""
+    return conn.execute(
+        """UPDATE job_outbox SET relayed_at = NULL
+            WHERE relayed_at IS NOT NULL AND done_at IS NULL AND error IS NULL"""
+    ).rowcount
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+
+def record_dead_letter(conn: psycopg.Connection, *, message_id: str, job: str, queue: str, message: dict[str, Any],
+                       outbox_id: int | None, reason: str, retries: int) -> None:
+    """The dead letter, and its outbox row closed with the reason (the relay never sends it again)."""
+    conn.execute(
+        """INSERT INTO dead_letters (message_id, job, queue_name, message, outbox_id, reason, retries)
+           VALUES (%s, %s, %s, %s, %s, %s, %s)
+           ON CONFLICT (message_id) DO UPDATE
+           SET reason = EXCLUDED.reason, retries = EXCLUDED.retries,
+               failed_at = now(), replayed_at = NULL""",
+        (message_id, job, queue, Jsonb(message), outbox_id, reason, retries),
+    )
+    if outbox_id is not None:
+        conn.execute("UPDATE job_outbox SET error = %s WHERE id = %s AND done_at IS NULL",
+                     (f"dead-lettered: {reason}", outbox_id))
+
+
+def _open_filter(ids: Sequence[int] | None, job: str | None) -> tuple[str, list[Any]]:
+    clauses, params = ["replayed_at IS NULL"], []
+    if ids is not None:
+        clauses.append("id = ANY(%s)")
+        params.append(list(ids))
+    if job:
+        clauses.append("job = %s")
+        params.append(job)
+    return " AND ".join(clauses), params
+
+
+def list_dead_letters(conn: psycopg.Connection, *, limit: int, job: str | None) -> list[dict[str, Any]]:
+    where, params = _open_filter(None, job)
+    return conn.execute(
+        f"SELECT id, job, queue_name, reason, retries, failed_at, outbox_id FROM dead_letters "
+        f"WHERE {where} ORDER BY failed_at DESC LIMIT %s",
+        [*params, limit],
+    ).fetchall()
+
+
+def get_dead_letter(conn: psycopg.Connection, dead_letter_id: int) -> dict[str, Any] | None:
+    return conn.execute("SELECT * FROM dead_letters WHERE id = %s", (dead_letter_id,)).fetchone()
+
+
+def lock_open_dead_letters(conn: psycopg.Connection, ids: Sequence[int] | None,
+                           job: str | None) -> list[dict[str, Any]]:
+    where, params = _open_filter(ids, job)
+    return conn.execute(f"SELECT * FROM dead_letters WHERE {where} ORDER BY id FOR UPDATE SKIP LOCKED",
+                        params).fetchall()
+
+
+def reopen(conn: psycopg.Connection, outbox_id: int) -> bool:
+    """Send an outbox row again (a replayed dead letter): the relay picks it up now."""
+    return bool(conn.execute(
+        """UPDATE job_outbox SET error = NULL, relayed_at = NULL, available_at = now()
+            WHERE id = %s AND done_at IS NULL""",
+        (outbox_id,),
+    ).rowcount)
+
+
+def mark_replayed(conn: psycopg.Connection, dead_letter_id: int) -> None:
+    conn.execute("UPDATE dead_letters SET replayed_at = now() WHERE id = %s", (dead_letter_id,))
+
+
+def delete_open_dead_letters(conn: psycopg.Connection, ids: Sequence[int] | None,
+                             job: str | None) -> list[dict[str, Any]]:
+    where, params = _open_filter(ids, job)
+    return conn.execute(f"DELETE FROM dead_letters WHERE {where} RETURNING queue_name, message", params).fetchall()
+
+
+# --- housekeeping and the monitor's view ----------------------------------------------------
+
+
+def prune(conn: psycopg.Connection, *, done_for: timedelta, failed_for: timedelta, replayed_for: timedelta,
+          open_for: timedelta) -> dict[str, int]:
+    """Delete outbox rows and dead letters that have outlived their purpose; counts per kind."""
+    statements = {
+        "job_outbox": ("DELETE FROM job_outbox WHERE done_at < now() - %s", done_for),
+        "job_outbox_failed": (
+            "DELETE FROM job_outbox WHERE done_at IS NULL AND error IS NOT NULL AND created_at < now() - %s",
+            failed_for,
+        ),
+        "dead_letters": ("DELETE FROM dead_letters WHERE replayed_at < now() - %s", replayed_for),
+        "dead_letters_open": (
+            "DELETE FROM dead_letters WHERE replayed_at IS NULL AND failed_at < now() - %s",
+            open_for,
+        ),
+    }
+    return {name: conn.execute(sql, (age,)).rowcount for name, (sql, age) in statements.items()}
+
+
+def open_dead_letters_by_job(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Open dead letters per job: job, n, newest (id), newest_at, biggest count first."""
+    return conn.execute(
+        """SELECT job, count(*) AS n, max(id) AS newest, max(failed_at) AS newest_at FROM dead_letters
+            WHERE replayed_at IS NULL GROUP BY job ORDER BY n DESC, job"""
+    ).fetchall()
+
+
+def backlog(conn: psycopg.Connection) -> dict[str, Any]:
+    """Outbox rows due and not done: backlog (count), oldest (age in seconds, 0 when none)."""
+    return conn.execute(
+        """SELECT count(*) AS backlog,
+                  COALESCE(extract(epoch FROM now() - min(available_at)), 0)::float8 AS oldest
+             FROM job_outbox
+            WHERE done_at IS NULL AND error IS NULL AND available_at <= now()"""
+    ).fetchone()
+
+
+def status(conn: psycopg.Connection) -> dict[str, Any]:
+    """`drop-jobs status`: pending, unrelayed, failed, oldest_pending_s."""
+    return conn.execute(
+        """SELECT count(*) FILTER (WHERE done_at IS NULL AND error IS NULL) AS pending,
+                  count(*) FILTER (WHERE done_at IS NULL AND error IS NULL AND relayed_at IS NULL
+                                   AND available_at <= now()) AS unrelayed,
+                  count(*) FILTER (WHERE error IS NOT NULL AND done_at IS NULL) AS failed,
+                  extract(epoch FROM now() - min(available_at)
+                          FILTER (WHERE done_at IS NULL AND error IS NULL AND available_at <= now()))
+                      AS oldest_pending_s
+             FROM job_outbox"""
+    ).fetchone()

@@ -1,0 +1,180 @@
+"""The one module that knows Dramatiq's Redis broker from the inside.
+
+Dramatiq has no public API for what drop-worker needs here: sending a batch of messages in one
+round trip (the relay), running the broker's maintenance on a timer (bounded redelivery after a
+SIGKILL, worker.redelivery), counting messages per queue and live workers (the monitor), and
+removing one message from the Redis dead-letter set (`drop-jobs dlq purge`). Everything below
+follows `dramatiq/brokers/redis/dispatch.lua` of the pinned release; the layout it documents:
+
+    <ns>:<queue>                 list of ready message ids (RPUSH, so index 0 is the oldest)
+    <ns>:<queue>.msgs            hash: message id -> encoded message
+    <ns>:<queue>.DQ              the queue's delayed (retry/backoff) messages, the same shape
+    <ns>:<queue>.XQ              sorted set of dead-lettered ids (+ `.XQ.msgs`)
+    <ns>:__heartbeats__          sorted set: worker id -> last heartbeat (ms)
+
+tests/worker/test_dramatiq_redis.py fails when an upgrade changes any of it (the script's ARGV,
+the key names, the broker attributes read here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import dramatiq
+import dramatiq.broker
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis, dq_name
+
+from worker.settings import Settings
+
+# dispatch.lua's ARGV, in order; the command's own arguments follow.
+DISPATCH_ARGV = (
+    "command",
+    "timestamp",
+    "queue_name",
+    "worker_id",
+    "heartbeat_timeout",
+    "dead_message_ttl",
+    "do_maintenance",
+    "max_unpack_size",
+)
+HEARTBEATS = "__heartbeats__"
+# The maintenance pass leaves a heartbeat under this prefix; it is not a worker.
+MAINTENANCE_ID_PREFIX = "maintenance-"
+
+
+def namespace(settings: Settings) -> str:
+    """The Redis namespace of drop-worker's Dramatiq broker (beside its own `<ns>:` keys)."""
+    return f"{settings.redis_namespace}-dramatiq"
+
+
+def global_broker() -> dramatiq.Broker:
+    """The broker this process installed; never Dramatiq's silent default RedisBroker."""
+    broker = dramatiq.broker.global_broker
+    if broker is None:
+        raise RuntimeError("no broker installed in this process (import jobs.app, the composition root)")
+    return broker
+
+
+def _dispatch(broker: RedisBroker, command: str, queue: str, *args: Any, worker_id: str | None = None,
+              do_maintenance: int = 0, client: Any = None, timestamp: int | None = None) -> Any:
+    argv = [
+        command,
+        current_millis() if timestamp is None else timestamp,
+        queue,
+        worker_id or broker.broker_id,
+        broker.heartbeat_timeout,
+        broker.dead_message_ttl,
+        do_maintenance,
+        broker._max_unpack_size(),
+        *args,
+    ]
+    kwargs = {} if client is None else {"client": client}
+    return broker.scripts["dispatch"](keys=[broker.namespace], args=argv, **kwargs)
+
+
+def enqueue_many(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message]) -> None:
+    """Enqueue messages in one Redis round trip, with the broker's own middleware hooks.
+
+    `RedisBroker.enqueue` costs one round trip per message; at the fan-out's scale (a million
+    refreshes per slot) that round trip, not PostgreSQL, bounded the relay. This does what
+    RedisBroker.enqueue does for each message (fresh redis_message_id, before/after_enqueue
+    hooks, the `dispatch` script's "enqueue" command), only sent as one pipeline. Not atomic:
+    like a crash between sends, a failure part-way leaves the batch unmarked and it is sent
+    again, which at-least-once delivery allows. Other brokers (tests' stub) use enqueue().
+    """
+    if not isinstance(broker, RedisBroker) or not messages:
+        for message in messages:
+            broker.enqueue(message)
+        return
+    prepared = []
+    for message in messages:
+        message = message.copy(options={"redis_message_id": str(uuid.uuid4())})
+        broker.emit_before("enqueue", message, None)
+        prepared.append(message)
+    pipe = broker.client.pipeline(transaction=False)
+    now = current_millis()
+    for message in prepared:
+        _dispatch(broker, "enqueue", message.queue_name, message.options["redis_message_id"], message.encode(),
+                  client=pipe, timestamp=now)
+    pipe.execute()
+    for message in prepared:
+        broker.emit_after("enqueue", message, None)
+
+
+def run_maintenance(broker: dramatiq.Broker) -> None:
+    """Dramatiq's maintenance on every declared queue: requeue dead workers' unacked messages,
+    expire old dead letters. Dramatiq runs it only on a random 0.1 % of broker calls."""
+    if not isinstance(broker, RedisBroker):
+        return
+    queues = set(broker.get_declared_queues())
+    queues |= {dq_name(q) for q in list(queues) if not q.endswith(".DQ")}
+    for queue in sorted(queues):
+        _dispatch(broker, "qsize", queue, worker_id=f"{MAINTENANCE_ID_PREFIX}{os.getpid()}", do_maintenance=1)
+
+
+def queues_in_redis(client: Any, ns: str, declared: Iterable[str] = ()) -> list[str]:
+    """`declared` and every queue with a message hash in Redis (any producer's), sorted."""
+    found = set(declared)
+    for name in client.scan_iter(match=f"{ns}:*.msgs", count=1000):
+        queue = (name.decode() if isinstance(name, bytes) else name)[len(ns) + 1:].removesuffix(".msgs")
+        if not queue.startswith("__") and not queue.endswith((".DQ", ".XQ")):
+            found.add(queue)
+    return sorted(q for q in found if not q.endswith(".DQ"))
+
+
+def queue_stats(client: Any, ns: str, queues: Sequence[str]) -> list[dict[str, Any]]:
+    """Ready, delayed and (Redis-side) dead messages per queue."""
+    names = sorted(q for q in queues if not q.endswith(".DQ"))
+    pipe = client.pipeline(transaction=False)
+    for q in names:
+        pipe.llen(f"{ns}:{q}")
+        pipe.llen(f"{ns}:{dq_name(q)}")
+        pipe.zcard(f"{ns}:{q}.XQ")
+    values = pipe.execute()
+    return [
+        {"queue": q, "ready": values[3 * i], "delayed": values[3 * i + 1], "dead": values[3 * i + 2]}
+        for i, q in enumerate(names)
+    ]
+
+
+def queue_oldest_age(client: Any, ns: str, queues: Sequence[str]) -> dict[str, float]:
+    """Age in seconds of the oldest ready message per queue (0 when empty)."""
+    pipe = client.pipeline(transaction=False)
+    for q in queues:
+        pipe.lindex(f"{ns}:{q}", 0)
+    heads = pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    for q, head in zip(queues, heads, strict=True):
+        pipe.hget(f"{ns}:{q}.msgs", head or b"-")
+    bodies = pipe.execute()
+    now_ms = time.time() * 1000
+    ages: dict[str, float] = {}
+    for q, body in zip(queues, bodies, strict=True):
+        age = 0.0
+        if body:
+            try:
+                age = max(0.0, (now_ms - float(json.loads(body)["message_timestamp"])) / 1000)
+            except (ValueError, KeyError, TypeError):
+                age = 0.0
+        ages[q] = age
+    return ages
+
+
+def workers_alive(client: Any, ns: str, within_ms: int = 30_000) -> int:
+    """Worker consumers whose heartbeat Dramatiq saw within `within_ms` (maintenance excluded)."""
+    now_ms = int(time.time() * 1000)
+    members = client.zrangebyscore(f"{ns}:{HEARTBEATS}", now_ms - within_ms, "+inf")
+    return sum(1 for m in members if not (m.decode() if isinstance(m, bytes) else m).startswith(MAINTENANCE_ID_PREFIX))
+
+
+def drop_dead_message(client: Any, ns: str, queue: str, redis_message_id: str) -> None:
+    """Remove one message from Dramatiq's Redis dead-letter set of `queue`."""
+    xq = f"{ns}:{queue.removesuffix('.DQ')}.XQ"
+    client.zrem(xq, redis_message_id)
+    client.hdel(f"{xq}.msgs", redis_message_id)
