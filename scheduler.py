@@ -243,7 +243,6 @@ class Leadership:
 
 
 def publish_heartbeat(leadership: Leadership) -> None:
-
     now = time.time()
     HEARTBEAT.set(now)
     IS_LEADER.set(1 if leadership.is_leader else 0)
@@ -262,10 +261,9 @@ class SchedulerService:
         schedules: tuple[Schedule, ...] = SCHEDULES,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.clock = clock or (lambda: datetime.now(OSLO))
-        known = set(jobs.broker.actors)
+        known = set(jobs.known_jobs())
         self.schedules = tuple(s for s in schedules if s.job in known)
         for s in schedules:
             if s.job not in known:
@@ -318,7 +316,6 @@ class SchedulerService:
 
 
 def main() -> int:
-
     settings = load_settings()
     setup_logging()
     alerts.set_process_kind("scheduler")

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import CurrentMessage
 from prometheus_client import Counter
@@ -47,7 +46,8 @@ from db.pool import database_url, transaction
 from jobs import aisp_rules as rules
 from jobs.registry import registry
 from worker.context import note_outbox_done
-from worker.middleware import record_dead_letter
+from worker.middleware import dead_letter_job
+from worker.outcomes import RunLater
 from worker.providers.errors import (
     AccessExceededError,
     AuthenticationError,
@@ -115,14 +115,7 @@ class RefreshResult:
     read_id: int | None = None
     balance_ore: int | None = None
     retry_at: datetime | None = None
-
-
-class Reschedule(Exception):  # a signal, not an error
-    """Run this job again after `delay_ms` (the actor turns it into dramatiq.Retry)."""
-
-    def __init__(self, delay_ms: int) -> None:
-        self.delay_ms = delay_ms
-        super().__init__(f"reschedule in {delay_ms} ms")
+    run_later_ms: int | None = None  # breaker open: the scheduled read runs again after this long
 
 
 class AispReadError(PermanentError):
@@ -213,7 +206,8 @@ async def refresh(
     outbox_id: int | None = None,
 ) -> RefreshResult:
     """Reserve (quota), read, apply. Raises transient errors for Dramatiq to retry (each retry
-    reserves again), permanent ones to dead-letter; `Reschedule` while the breaker is open."""
+    reserves again), permanent ones to dead-letter; handled answers (consent, 429) and an open
+    breaker (with `run_later_ms` for a scheduled read) are results."""
     if initiated_by not in INITIATORS:
         raise PermanentError(f"initiated_by must be one of {', '.join(INITIATORS)}")
     if not isinstance(bank_account_id, str) or not bank_account_id:
@@ -233,6 +227,7 @@ async def refresh(
         return await _refused(row, bank_account_id, initiated_by, now)
 
     read_id = row["read_id"]
+    failure: Exception | None = None
     try:
         balances = await get_async_neonomics().get_balances(
             row["provider_account_id"], row["consent_id"], psu_ip=psu_ip, request_id=request_id
@@ -245,11 +240,14 @@ async def refresh(
         if exc.operation == "token":  # the balance request itself never left
             await _one("DELETE FROM aisp_reads WHERE id = %s", (read_id,))
             raise
-        await _failed(row, read_id, bank_account_id, initiated_by, now, request_id, exc, outbox_id)
-        raise AssertionError("unreachable") from None
+        failure = exc
     except (rules.CurrencyMismatchError, rules.NoUsableBalanceError) as exc:
-        await _failed(row, read_id, bank_account_id, initiated_by, now, request_id, exc, outbox_id)
-        raise AssertionError("unreachable") from None
+        failure = exc
+    if failure is not None:
+        handled = await _failed(row, read_id, bank_account_id, initiated_by, now, request_id, failure, outbox_id)
+        if isinstance(handled, Exception):
+            raise handled from None
+        return RefreshResult(handled)
 
     await _one(_APPLY_OK, {"read_id": read_id, "outbox_id": outbox_id, "ore": balance.amount_ore, "now": now,
                            "id": bank_account_id, "consent_id": row["consent_id"]})
@@ -291,13 +289,14 @@ async def _not_sent(read_id: int, bank_account_id: str, initiated_by: str, now: 
     if initiated_by == "scheduler":
         wait_s = exc.retry_after_s + random.uniform(1.0, CIRCUIT_JITTER_S)  # no herd at half-open
         if now + timedelta(seconds=wait_s) < rules.next_window_start(now):
-            raise Reschedule(int(wait_s * 1000))
+            return RefreshResult("circuit_open", run_later_ms=int(wait_s * 1000))
     return RefreshResult("circuit_open")
 
 
 async def _failed(row: dict[str, Any], read_id: int, bank_account_id: str, initiated_by: str, now: datetime,
-                  request_id: str, exc: Exception, outbox_id: int | None) -> None:
-    """Record a failed read (it counts) and its consequences, then raise what the policy says."""
+                  request_id: str, exc: Exception, outbox_id: int | None) -> str | Exception:
+    """Record a failed read (it counts) and its consequences; return the outcome of a handled
+    answer (consent, 429), or the error the job must raise (retried or dead-lettered)."""
     outcome = outcome_for(exc)
     status = getattr(exc, "status", None)
     code = getattr(exc, "code", None)
@@ -340,16 +339,11 @@ async def _failed(row: dict[str, Any], read_id: int, bank_account_id: str, initi
             await conn.execute(outbox.MARK_DONE_BY_NAME, {"outbox_id": outbox_id})
     log.warning("aisp read of %s failed: %s", bank_account_id, outcome)
     if isinstance(exc, ConsentError | AccessExceededError):
-        raise _Handled(outcome)
+        return outcome
     if isinstance(exc, MalformedResponseError):
         # Its message may quote the provider's amount: the dead letter keeps only codes.
-        raise AispReadError(f"malformed balances answer (HTTP {status})") from None
-    raise exc
-
-
-class _Handled(Exception):  # a handled provider answer, returned as a result
-    def __init__(self, outcome: str) -> None:
-        self.outcome = outcome
+        return AispReadError(f"malformed balances answer (HTTP {status})")
+    return exc
 
 
 async def _audit(conn: Any, user_id: str | None, action: str, bank_account_id: str, request_id: str,
@@ -363,11 +357,8 @@ async def _audit(conn: Any, user_id: str | None, action: str, bank_account_id: s
 
 async def refresh_handled(bank_account_id: str, initiated_by: str = "scheduler", psu_ip_address: str | None = None,
                           *, now: datetime | None = None, outbox_id: int | None = None) -> RefreshResult:
-    """`refresh`, with the handled provider answers (consent, 429) returned as results."""
-    try:
-        return await refresh(bank_account_id, initiated_by, psu_ip_address, now=now, outbox_id=outbox_id)
-    except _Handled as handled:
-        return RefreshResult(handled.outcome)
+    """`refresh` (kept under this name for callers: handled answers are results in both)."""
+    return await refresh(bank_account_id, initiated_by, psu_ip_address, now=now, outbox_id=outbox_id)
 
 
 def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
@@ -383,13 +374,12 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
 # context variable is set (it is not visible on the loop thread).
 @registry.job(REFRESH_ACCOUNT, queue=QUEUE, time_limit=90_000)
 def refresh_account(bank_account_id: str, initiated_by: str = "scheduler", psu_ip_address: str | None = None,
-                    slot: str | None = None) -> None:
+                    slot: str | None = None) -> RunLater | None:
     message = CurrentMessage.get_current_message()
     outbox_id = message.options.get("outbox_id") if message is not None else None
-    try:
-        result = run_coroutine(refresh_handled(bank_account_id, initiated_by, psu_ip_address, outbox_id=outbox_id))
-    except Reschedule as again:
-        raise dramatiq.Retry(delay=again.delay_ms) from None
+    result = run_coroutine(refresh(bank_account_id, initiated_by, psu_ip_address, outbox_id=outbox_id))
+    if result.run_later_ms is not None:
+        return RunLater(result.run_later_ms, "neonomics circuit open")
     if outbox_id is not None and result.outcome in MARKS_OUTBOX:
         note_outbox_done()  # marked in the apply's own (committed) statement: no second transaction
 
@@ -519,12 +509,10 @@ async def _read_of_batch(client: Any, row: dict[str, Any], now: datetime, slot: 
         failure: Exception = exc
     except (rules.CurrencyMismatchError, rules.NoUsableBalanceError) as exc:
         failure = exc
-    try:
-        await _failed(row, read_id, bank_account_id, "scheduler", now, request_id, failure, None)
-    except _Handled as handled:
-        return handled.outcome, None
-    except Exception as final:  # what a single job would raise: retry it alone, or dead-letter it
-        await _after_failure(bank_account_id, slot, final)
+    handled = await _failed(row, read_id, bank_account_id, "scheduler", now, request_id, failure, None)
+    if not isinstance(handled, Exception):
+        return handled, None
+    await _after_failure(bank_account_id, slot, handled)  # what a single job would raise: alone, or dead
     return outcome_for(failure), None
 
 
@@ -543,10 +531,9 @@ async def _after_failure(bank_account_id: str, slot: datetime, exc: BaseExceptio
         await _hand_off(bank_account_id, slot, FIRST_BACKOFF_MS / 1000 * random.uniform(1.0, 1.5))
         return
 
-    message = dramatiq.Message(queue_name=QUEUE, actor_name=REFRESH_ACCOUNT, args=(), options={},
-                               kwargs={"bank_account_id": bank_account_id, "initiated_by": "scheduler",
-                                       "slot": slot.astimezone(rules.OSLO).isoformat()})
-    await asyncio.get_running_loop().run_in_executor(None, record_dead_letter, message, exc)
+    kwargs = {"bank_account_id": bank_account_id, "initiated_by": "scheduler",
+              "slot": slot.astimezone(rules.OSLO).isoformat()}
+    await asyncio.get_running_loop().run_in_executor(None, dead_letter_job, REFRESH_ACCOUNT, QUEUE, kwargs, exc)
 
 
 @registry.job(REFRESH_BATCH, queue=QUEUE, time_limit=120_000)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import dramatiq
 import psycopg
 from prometheus_client import Counter, Histogram
 from psycopg.types.json import Jsonb
@@ -34,6 +33,7 @@ from jobs import payments as rules
 from jobs.registry import registry
 from worker.alerts import send_alert
 from worker.context import mark_outbox_done, request_id
+from worker.outcomes import RunLater
 from worker.providers import get_neonomics
 from worker.providers.errors import (
     CircuitOpenError,
@@ -368,7 +368,6 @@ def after_commit(applied: Applied | None) -> None:
     if applied.polls is not None:
         POLLS_PER_PAYMENT.observe(applied.polls)
     if applied.alert is not None:
-
         severity, title, message, key, runbook = applied.alert
         try:
             send_alert(severity, title, message, key=key, runbook=runbook)
@@ -461,17 +460,18 @@ def retry_delay_ms(retry_after_s: float) -> int:
 
 
 @registry.job(POLL_JOB, queue="pisp", time_limit=90_000)
-def poll_status(transaction_id: str, due: str | None = None) -> None:
+def poll_status(transaction_id: str, due: str | None = None) -> RunLater | None:
     """Payload `{transaction_id}` (SCA callback, ad hoc) or `{transaction_id, due}` (scheduled)."""
     try:
         poll_payment(transaction_id, due=due)
     except CircuitOpenError as exc:
         POLLS.labels("breaker_open").inc()
-        # Reschedule after the open period without using the 3 transient retries.
-        raise dramatiq.Retry(f"circuit {exc.breaker} open", delay=retry_delay_ms(exc.retry_after_s)) from None
+        # After the open period, without using the 3 transient retries.
+        return RunLater(retry_delay_ms(exc.retry_after_s), f"circuit {exc.breaker} open")
     except PaymentBusy:
         POLLS.labels("busy").inc()
-        raise dramatiq.Retry("payment busy", delay=retry_delay_ms(1.0)) from None
+        return RunLater(retry_delay_ms(1.0), "payment busy")
+    return None
 
 
 # --- the sweep -----------------------------------------------------------------------------------

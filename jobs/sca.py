@@ -91,7 +91,6 @@ def _read(payment_id: str) -> tuple[str | None, bool]:
 
 
 def _cancel(payment_id: str) -> rules.Cancellation:
-
     try:
         result = get_neonomics().cancel_payment(payment_id)
     except NotFoundError:

@@ -64,14 +64,12 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-
     applied = migrate(database_url())
     print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
     return 0
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-
     try:
         payload = json.loads(args.payload)
     except json.JSONDecodeError as error:
@@ -157,7 +155,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-
     if args.dlq_command == "list":
         rows = dlq.list_dead_letters(limit=args.limit, job=args.job)
         if not rows:
@@ -201,7 +198,6 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-
     if get_settings().drop_env != "development":
         # The demo writes fake users, payments and KYC reviews: never into a real database.
         print(f"drop-jobs demo runs only with DROP_ENV=development (it is {get_settings().drop_env})",
@@ -426,7 +422,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"drop-worker: configuration error: {error}", file=sys.stderr)
         return 2
     if args.command != "run":
-
         setup_logging("WARNING")
     if args.command in NEEDS_SERVERS:
         problems = unreachable_servers(need_redis=NEEDS_SERVERS[args.command])

@@ -45,7 +45,6 @@ def _health_pool(url: str) -> Any:
 
 
 def check_postgres() -> dict[str, Any]:
-
     with _health_pool(database_url()).connection() as conn:
         conn.execute("SET statement_timeout = 700")
         conn.execute("SELECT 1")
@@ -53,13 +52,11 @@ def check_postgres() -> dict[str, Any]:
 
 
 def check_redis() -> dict[str, Any]:
-
     get_redis().ping()
     return {"ok": True}
 
 
 def check_scheduler() -> dict[str, Any]:
-
     leader = scheduler_leader()
     if leader is None:
         return {"ok": False, "reason": "no scheduler leader heartbeat in the last 30 s"}
@@ -67,7 +64,6 @@ def check_scheduler() -> dict[str, Any]:
 
 
 def check_workers() -> dict[str, Any]:
-
     alive = workers_alive()
     if alive < 1:
         return {"ok": False, "reason": "no worker heartbeat in the last 30 s", "alive": 0}
@@ -75,7 +71,6 @@ def check_workers() -> dict[str, Any]:
 
 
 def check_relay() -> dict[str, Any]:
-
     alive = relays_alive()
     if alive < 1:
         return {"ok": False, "reason": f"no outbox relay heartbeat in the last {RELAY_HEARTBEAT_TTL_S} s",

@@ -58,7 +58,6 @@ class SystemCollector(Collector):
         yield up
 
     def _redis(self) -> Iterator[Metric]:
-
         stats = queue_stats(probes.queues(jobs.registry.queues()))
         ages = queue_oldest_age([q["queue"] for q in stats])
         depth = _gauge("drop_queue_depth", "Messages ready in a queue", labels=["queue"])
@@ -92,7 +91,6 @@ class SystemCollector(Collector):
             )
 
     def _breakers(self) -> Iterator[Metric]:
-
         open_ = _gauge("drop_circuit_breaker_open", "1 while the breaker is open or half-open", labels=["breaker"])
         opened = _gauge(
             "drop_circuit_breaker_opened_timestamp_seconds",
@@ -113,7 +111,6 @@ class SystemCollector(Collector):
         yield _gauge("pisp_circuit_open", "1 while the Neonomics PISP breaker is open (docs/monitoring.md)", value=pisp)
 
     def _postgres(self) -> Iterator[Metric]:
-
         s = database_state()
         yield _gauge("drop_dead_letters", "Dead letters not yet replayed", value=sum(s["dead_letters"].values()))
         by_job = _gauge("drop_dead_letters_by_job", "Dead letters not yet replayed, per job", labels=["job"])

@@ -62,7 +62,6 @@ Rule = Callable[[], Iterator[Condition]]
 
 
 def error_spike() -> Iterator[Condition]:
-
     threshold = get_settings().error_spike_threshold
     counts = job_errors()
     total = sum(counts.values())
@@ -75,7 +74,6 @@ def error_spike() -> Iterator[Condition]:
 
 
 def breakers() -> Iterator[Condition]:
-
     for name, status in breaker_statuses().items():
         key = f"breaker-open:{name}"
         message = (f"Calls to {name} fail fast: transient provider failures opened the circuit "
@@ -86,7 +84,6 @@ def breakers() -> Iterator[Condition]:
         if status.is_open:
             since = active_since(key)
             if since is not None and time.time() - since > BREAKER_LONG_OPEN_S and once(f"long-open:{name}", 86_400):
-
                 minutes = int((time.time() - since) // 60)
                 opened = time.strftime("%H:%M UTC", time.gmtime(since))
                 capture_alert("high", f"Circuit breaker {name} open for {minutes} min",
@@ -98,7 +95,6 @@ def breakers() -> Iterator[Condition]:
 
 
 def redis_state() -> Iterator[Condition]:
-
     yield Condition(
         "scheduler-silent", scheduler_leader() is None, Severity.CRITICAL, "Scheduler silent",
         "No scheduler leader heartbeat for 30 s: periodic jobs (SCA expiry, payment sweeps, AISP "
@@ -139,7 +135,6 @@ def postgres_state() -> Iterator[Condition]:
 
 
 def database() -> Iterator[Condition]:
-
     s = database_state()
     dead = s["dead_letters"]
     total = sum(dead.values())

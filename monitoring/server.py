@@ -108,7 +108,6 @@ def serve(host: str, port: int) -> MonitorServer:
 
 
 def main() -> int:
-
     settings = load_settings()
     setup_logging()
     alerts.set_process_kind("monitor")

@@ -26,7 +26,6 @@ def admin_token_for(url: str) -> str:
 
 class SandboxAdmin:
     def __init__(self, url: str, *, timeout: float = 10.0, token: str | None = None) -> None:
-
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url + "/_admin", timeout=timeout,
                                   headers={ADMIN_TOKEN_HEADER: token if token is not None else admin_token_for(url)})

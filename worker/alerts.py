@@ -74,7 +74,6 @@ _local_sent: dict[str, float] = {}  # key → monotonic time of the last send (R
 
 
 def _keys(alert_key: str) -> tuple[str, str]:
-
     return key("alert", alert_key, "active"), key("alert", alert_key, "cooldown")
 
 
@@ -151,7 +150,6 @@ def _source() -> str:
 
 def _deliver(severity: Severity, title: str, message: str, runbook: str | None,
              alert_key: str | None, sentry: bool) -> None:
-
     settings = get_settings()
     link = runbook_link(runbook)
     summary = f"[{severity.value}] {title}: {message}" + (f" (runbook: {link})" if link else "")
@@ -161,12 +159,10 @@ def _deliver(severity: Severity, title: str, message: str, runbook: str | None,
                            source=_source())
     get_notifier().post(payload, summary)
     if sentry and severity in (Severity.HIGH, Severity.CRITICAL):
-
         capture_alert(severity.value, title, message, alert_key=alert_key)
 
 
 def _clean(text: str) -> str:
-
     text = scrub_text(str(text))
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
 
@@ -272,7 +268,6 @@ def once(name: str, ttl_s: float) -> bool:
 
 
 def forget_once(name: str) -> None:
-
     try:
         get_redis().delete(key("alert-once", name))
     except Exception as error:

@@ -8,7 +8,7 @@ what runs in production is what is read here:
 - ShutdownNotifications: on SIGTERM running jobs finish (notify_shutdown off: an interrupted job
   would have read the provider without committing); actors may opt in to interruption.
 - Callbacks, Pipelines: Dramatiq's composition features.
-- Retries: the seed's policy (worker.retry): transient errors only, 1 s/2 s/4 s + jitter, 3 times.
+- RetryPolicy: Dramatiq's Retries with the policy of worker.retry: transient errors only, 1 s/2 s/4 s + jitter, 3 times.
 - AsyncIO: `async def` actors share one event loop per worker process (I/O-bound jobs).
 - CurrentMessage: jobs read their outbox id and request id from the message.
 - Prometheus: job counts and durations, served by the worker on DROP_WORKER_METRICS_PORT.
@@ -29,20 +29,17 @@ from dramatiq.middleware import (
     Callbacks,
     CurrentMessage,
     Pipelines,
-    Retries,
     ShutdownNotifications,
     TimeLimit,
 )
 
-from worker import retry
 from worker.logs import install_record_scrubber
 from worker.middleware import (
-    DeadLetters,
     ErrorCounter,
     OutboxBookkeeping,
     OutboxRelayFork,
     RequestContext,
-    RescheduleAccounting,
+    RetryPolicy,
     SentryJobs,
 )
 from worker.redelivery import CrashGuard
@@ -84,16 +81,9 @@ def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> R
         ShutdownNotifications(notify_shutdown=False),
         Callbacks(),
         Pipelines(),
-        # Dramatiq runs `after_*` hooks in reverse order: DeadLetters, listed before Retries,
-        # sees the message after Retries decided whether it failed for good.
-        DeadLetters(),
-        Retries(
-            max_retries=retry.MAX_RETRIES,
-            min_backoff=retry.FIRST_BACKOFF_MS,
-            max_backoff=retry.MAX_BACKOFF_MS,
-            retry_when=retry.should_retry,
-        ),
-        RescheduleAccounting(),  # after-hooks run in reverse: this one just before Retries'
+        # Retries, the reschedule accounting and the dead letters, in one after-hook (its order
+        # inside, not this list's, decides); OutboxBookkeeping below runs before it.
+        RetryPolicy(),
         AsyncIO(),
         CurrentMessage(),
         RequestContext(),
@@ -112,7 +102,7 @@ def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> R
 
 
 def setup_broker() -> dramatiq.Broker:
-    """Install the broker as Dramatiq's global one (idempotent); actors bind to it on import."""
+    """Install the broker as Dramatiq's global one (idempotent); jobs.app binds every job to it."""
     current = dramatiq.get_broker() if _has_global_broker() else None
     if isinstance(current, RedisBroker) and getattr(current, "_drop_worker", False):
         return current
@@ -123,5 +113,4 @@ def setup_broker() -> dramatiq.Broker:
 
 
 def _has_global_broker() -> bool:
-
     return broker_module.global_broker is not None

@@ -2,9 +2,10 @@
 
 - RequestContext: every message carries a `request_id` (propagated to provider calls as
   `X-Request-ID`); kept in a contextvar while the job runs.
-- DeadLetters: a message that Retries gave up on (or that AgeLimit dropped) is recorded in
-  PostgreSQL `dead_letters` with its reason, and its outbox row is closed with that reason so
-  the relay never sends it again. `drop-jobs dlq` works on this table.
+- RetryPolicy: Dramatiq's Retries with worker.retry's policy; a `RunLater` does not use up
+  the transient retries; a message that failed for good (or that AgeLimit dropped) is recorded
+  in PostgreSQL `dead_letters` with its reason, and its outbox row is closed with that reason
+  so the relay never sends it again. `drop-jobs dlq` works on this table.
 - OutboxBookkeeping: after a successful run, the message's outbox row is marked done (a job
   that wants the mark inside its own transaction calls `worker.context.mark_outbox_done(conn)`).
 - OutboxRelayFork: runs the outbox relay as a fork beside each worker pool.
@@ -21,10 +22,12 @@ from __future__ import annotations
 import contextvars
 import logging
 import uuid
+from typing import Any
 
 import dramatiq
 import sentry_sdk
 from dramatiq.errors import Retry
+from dramatiq.middleware import Retries
 from sentry_sdk.integrations.dramatiq import SentryMiddleware
 
 from db import outbox
@@ -34,7 +37,7 @@ from worker.context import mark_outbox_done_by_id, request_id_var
 from worker.pii import scrub_text
 from worker.probes import record_job_error
 from worker.relay import run_relay_fork
-from worker.retry import MAX_RESCHEDULES
+from worker.retry import FIRST_BACKOFF_MS, MAX_BACKOFF_MS, MAX_RESCHEDULES, MAX_RETRIES, should_retry
 from worker.sentry import init_sentry
 
 log = logging.getLogger(__name__)
@@ -73,9 +76,36 @@ class RequestContext(dramatiq.Middleware):
         self.after_process_message(broker, message)
 
 
-class DeadLetters(dramatiq.Middleware):
+class RetryPolicy(Retries):
+    """Dramatiq's Retries with drop-worker's policy (worker.retry), owning everything that
+    depends on its verdict, in one hook and in this order:
+
+    1. A job that returned `RunLater` (Dramatiq's `Retry`, worker.outcomes) does not use up its
+       transient retries: it is counted in `reschedules`, up to MAX_RESCHEDULES.
+    2. Dramatiq's own decision: retry with backoff (1 s, 2 s, 4 s + jitter) or fail for good.
+    3. A message that failed for good is recorded in `dead_letters` with its reason, and its
+       outbox row is closed; so is one AgeLimit skipped as too old.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(max_retries=MAX_RETRIES, min_backoff=FIRST_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS,
+                         retry_when=should_retry)
+
     def after_process_message(self, broker, message, *, result=None, exception=None):
-        if exception is not None and message.failed:
+        if exception is None:
+            return
+        if isinstance(exception, dramatiq.Retry):
+            reschedules = message.options.get("reschedules", 0) + 1
+            message.options["reschedules"] = reschedules
+            # Retries asks should_retry with options["retries"], then adds one before it
+            # re-enqueues: take one off so the transient count is unchanged, or, past
+            # MAX_RESCHEDULES, hand it that limit so the policy ends the reschedules.
+            if reschedules <= MAX_RESCHEDULES:
+                message.options["retries"] = message.options.get("retries", 0) - 1
+            else:
+                message.options["retries"] = MAX_RESCHEDULES
+        super().after_process_message(broker, message, result=result, exception=exception)
+        if message.failed:
             record_dead_letter(message, exception)
 
     def after_skip_message(self, broker, message):
@@ -106,6 +136,13 @@ def record_dead_letter(message: dramatiq.Message, exc: BaseException | None, *, 
         log.exception("could not record dead letter %s in PostgreSQL", message.message_id)
 
 
+def dead_letter_job(job: str, queue: str, kwargs: dict[str, Any], exc: BaseException) -> None:
+    """A dead letter for a job that never had a message of its own (one account of an AISP batch):
+    replayable like any other, as that job with these arguments."""
+    message = dramatiq.Message(queue_name=queue, actor_name=job, args=(), kwargs=kwargs, options={})
+    record_dead_letter(message, exc)
+
+
 class OutboxBookkeeping(dramatiq.Middleware):
     def after_process_message(self, broker, message, *, result=None, exception=None):
         # Popped whatever the outcome: a retried message must not carry the flag (this hook runs
@@ -118,25 +155,6 @@ class OutboxBookkeeping(dramatiq.Middleware):
             except Exception:
                 # Not fatal: the row is relayed again later and the job is idempotent.
                 log.exception("could not mark outbox row %s done", outbox_id)
-
-
-class RescheduleAccounting(dramatiq.Middleware):
-    """Keep explicit reschedules (`raise dramatiq.Retry(delay=…)`, e.g. while a breaker is open)
-    from using up the 3 transient retries of worker.retry.
-
-    Dramatiq counts both in `options["retries"]`. Listed after Retries, this hook runs just
-    before Retries' own: it takes one off for a reschedule (Retries adds it back) and counts
-    reschedules separately; past MAX_RESCHEDULES it lets the count through so the policy stops.
-    """
-
-    def after_process_message(self, broker, message, *, result=None, exception=None):
-        if isinstance(exception, dramatiq.Retry):
-            reschedules = message.options.get("reschedules", 0) + 1
-            message.options["reschedules"] = reschedules
-            if reschedules <= MAX_RESCHEDULES:
-                message.options["retries"] = message.options.get("retries", 0) - 1
-            else:
-                message.options["retries"] = MAX_RESCHEDULES
 
 
 class OutboxRelayFork(dramatiq.Middleware):

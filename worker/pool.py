@@ -69,7 +69,6 @@ RELAY_SILENT_EXIT_CODE = 75  # EX_TEMPFAIL: a restart is the fix
 
 
 def relay_heartbeat_file() -> Path:
-
     settings = load_settings()
     directory = settings.data_dir.resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -86,7 +85,6 @@ def relay_silent_for(heartbeat: Path, started: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     silent_limit = load_settings().relay_silent_limit_s
     heartbeat = relay_heartbeat_file()
     heartbeat.unlink(missing_ok=True)

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import dramatiq
 
+from worker.outcomes import as_actor_fn
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -60,5 +62,6 @@ class JobRegistry:
         self._broker = broker
         for job in self._jobs.values():
             if job.name not in broker.actors:
-                dramatiq.actor(job.fn, actor_name=job.name, queue_name=job.queue, broker=broker, **job.options)
+                dramatiq.actor(as_actor_fn(job.fn), actor_name=job.name, queue_name=job.queue, broker=broker,
+                               **job.options)
         return {name: broker.get_actor(name) for name in self._jobs}

@@ -3,8 +3,8 @@
 Retry only transient failures (provider 500/502/503, timeouts, connection errors, a lost
 database or Redis connection): at most 3 retries, backoff 1 s, 2 s, 4 s with jitter.
 Everything else (4xx, bad payloads, programming errors) fails at once and goes to the
-dead-letter queue with its reason. Dramatiq's Retries middleware applies this policy to every
-actor (`retry_when` and `min_backoff` below); provider clients raise the typed errors it reads.
+dead-letter queue with its reason. worker.middleware.RetryPolicy (Dramatiq's Retries) applies
+it to every job; provider clients raise the typed errors it reads.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import redis
 from dramatiq.middleware import Shutdown
 
 MAX_RETRIES = 3
-# A job that asks to run again later (`raise dramatiq.Retry(delay=ms)`, e.g. while a breaker is
+# A job that asks to run again later (returns `worker.outcomes.RunLater`, e.g. while a breaker is
 # open) is rescheduled without using up the 3 transient retries, up to this many times.
 MAX_RESCHEDULES = 60
 FIRST_BACKOFF_MS = 1_000

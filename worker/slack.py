@@ -180,7 +180,6 @@ def _retry_after(headers: dict[str, Any]) -> float:
 
 
 def _count_failure() -> None:
-
     ALERT_DELIVERY_FAILURES.inc()
 
 
@@ -196,7 +195,6 @@ def get_notifier() -> SlackNotifier:
     global _notifier, _notifier_pid
     with _lock:
         if _notifier is None or _notifier_pid != os.getpid():
-
             settings = get_settings()
             url = settings.slack_webhook_url.get_secret_value() if settings.slack_webhook_url else None
             _notifier = SlackNotifier(url, min_interval_s=settings.slack_min_interval_s)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from jobs.kyc import (
+from jobs.kyc_rules import (
     MAX_BODY_BYTES,
     NOTIFY_APPROVED,
     NOTIFY_REJECTED,

@@ -2,15 +2,14 @@
 
 import logging
 
-import dramatiq
-
 import jobs
+from jobs.registry import registry
 from tests.conftest import wait_for
 
 BODY = '{"applicantId": "a1", "email": "kari.nordmann@example.no", "pid": "01017012345"}'
 
 
-@dramatiq.actor(actor_name="test.log_fails", queue_name="test")
+@registry.job("test.log_fails", queue="test")
 def log_fails(body: str) -> None:
     raise ValueError("cannot handle this delivery")
 
