@@ -32,9 +32,10 @@ import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import Gauge, start_http_server
+from psycopg.rows import dict_row
 
 import jobs
-from db.pool import database_url, transaction
+from db.pool import Conn, database_url, one_row, transaction
 from worker import alerts
 from worker.logs import setup_logging
 from worker.redis_client import get_redis, key
@@ -153,7 +154,8 @@ def catch_up(schedule: Schedule, now: datetime, leader: str) -> dict[str, int]:
     """Fire the latest due slot if within grace; record older unfired slots as missed."""
 
     with transaction() as conn:
-        row = conn.execute("SELECT max(slot) AS last FROM scheduler_fires WHERE job = %s", (schedule.job,)).fetchone()
+        row = one_row(conn.execute("SELECT max(slot) AS last FROM scheduler_fires WHERE job = %s",
+                                   (schedule.job,)).fetchone())
     last = row["last"]
     fired = missed = 0
     due = latest_slot(schedule.trigger, now, lookback=schedule.grace)
@@ -184,7 +186,7 @@ class Leadership:
     def __init__(self, conninfo: str, identity: str) -> None:
         self.conninfo = conninfo
         self.identity = identity
-        self.conn: psycopg.Connection | None = None
+        self.conn: Conn | None = None
         self.since: float | None = None
 
     @property
@@ -208,6 +210,7 @@ class Leadership:
             conn = psycopg.connect(
                 self.conninfo,
                 autocommit=True,
+                row_factory=dict_row,
                 keepalives=1,
                 keepalives_idle=10,
                 keepalives_interval=5,
@@ -217,7 +220,7 @@ class Leadership:
         except psycopg.Error as error:
             log.warning("cannot reach PostgreSQL for the scheduler lease: %s", type(error).__name__)
             return False
-        got = conn.execute(self._lock_sql("pg_try_advisory_lock")).fetchone()[0]
+        got = one_row(conn.execute(self._lock_sql("pg_try_advisory_lock")).fetchone())["ok"]
         if got:
             self.conn, self.since = conn, time.time()
             log.info("this replica (%s) is now the scheduler leader", self.identity)

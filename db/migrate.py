@@ -41,7 +41,8 @@ def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     """Apply pending migrations; return the versions applied by this call."""
     applied_now: list[str] = []
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        schema = conn.execute("SELECT current_schema()").fetchone()[0]
+        row = conn.execute("SELECT current_schema()").fetchone()
+        schema = None if row is None else row[0]
         if schema is None:
             raise MigrationError("no current schema: does the search_path name an existing schema?")
         conn.execute("SELECT pg_advisory_lock(hashtext('drop-worker:migrate:' || %s))", (schema,))
@@ -52,7 +53,7 @@ def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
                        checksum   text NOT NULL,
                        applied_at timestamptz NOT NULL DEFAULT now())"""
             )
-            done = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
+            done: dict[str, str] = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
             for migration in discover(directory):
                 if migration.version in done:
                     if done[migration.version] != migration.checksum:

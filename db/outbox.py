@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-import psycopg
 from psycopg.types.json import Jsonb
+
+from db.pool import Conn, one_row
 
 # Makes one statement an internal producer's: migration 0006 lets only such statements write
 # keys under the reserved prefix.
@@ -42,19 +43,19 @@ def _id(row: Any) -> int | None:
 # --- enqueue ---------------------------------------------------------------------------------
 
 
-def insert(conn: psycopg.Connection, job: str, payload: dict[str, Any], key: str,
+def insert(conn: Conn, job: str, payload: dict[str, Any], key: str,
            available_at: datetime | None) -> int | None:
     """A caller's job; None when the key was already used."""
     return _id(conn.execute(_INSERT, (job, Jsonb(payload), key, available_at)).fetchone())
 
 
-def insert_internal(conn: psycopg.Connection, job: str, payload: dict[str, Any], key: str,
+def insert_internal(conn: Conn, job: str, payload: dict[str, Any], key: str,
                     available_at: datetime | None) -> int | None:
     """An internal producer's job (reserved key); None when the key was already used."""
     return _id(conn.execute(_INSERT_INTERNAL, (job, Jsonb(payload), key, available_at)).fetchone())
 
 
-def holder_of_key(conn: psycopg.Connection, key: str, available_at: datetime | None) -> dict[str, Any] | None:
+def holder_of_key(conn: Conn, key: str, available_at: datetime | None) -> dict[str, Any] | None:
     """The row holding `key`: id, job, payload and whether it is due no later than asked."""
     row = conn.execute(
         """SELECT id, job, payload, available_at <= COALESCE(%s, now()) + interval '1 minute' AS due_in_time
@@ -66,14 +67,14 @@ def holder_of_key(conn: psycopg.Connection, key: str, available_at: datetime | N
     return row if isinstance(row, dict) else dict(zip(("id", "job", "payload", "due_in_time"), row, strict=True))
 
 
-def mark_done(conn: psycopg.Connection, outbox_id: int) -> None:
+def mark_done(conn: Conn, outbox_id: int) -> None:
     conn.execute(MARK_DONE_BY_NAME, {"outbox_id": outbox_id})
 
 
 # --- relay -----------------------------------------------------------------------------------
 
 
-def due_sizes(conn: psycopg.Connection, redeliver_after: timedelta, limit: int) -> list[dict[str, Any]]:
+def due_sizes(conn: Conn, redeliver_after: timedelta, limit: int) -> list[dict[str, Any]]:
     """Due rows (id, payload bytes), locked for this relay pass; sizes first so a batch's
     payloads never exceed the relay's byte budget in memory."""
     return conn.execute(
@@ -88,7 +89,7 @@ def due_sizes(conn: psycopg.Connection, redeliver_after: timedelta, limit: int) 
     ).fetchall()
 
 
-def rows_to_relay(conn: psycopg.Connection, ids: Sequence[int]) -> list[dict[str, Any]]:
+def rows_to_relay(conn: Conn, ids: Sequence[int]) -> list[dict[str, Any]]:
     """The rows as text: decoding is the relay's, row by row (a hostile payload is one row's problem)."""
     if not ids:
         return []
@@ -99,19 +100,19 @@ def rows_to_relay(conn: psycopg.Connection, ids: Sequence[int]) -> list[dict[str
     ).fetchall()
 
 
-def mark_relayed(conn: psycopg.Connection, ids: Sequence[int]) -> None:
+def mark_relayed(conn: Conn, ids: Sequence[int]) -> None:
     if ids:
         conn.execute("UPDATE job_outbox SET relayed_at = now(), relay_count = relay_count + 1 WHERE id = ANY(%s)",
                      (list(ids),))
 
 
-def close_rejected(conn: psycopg.Connection, rejected: Sequence[tuple[str, int]]) -> None:
+def close_rejected(conn: Conn, rejected: Sequence[tuple[str, int]]) -> None:
     """Rows that cannot become a job: closed with their reason, never relayed again."""
     if rejected:
         conn.cursor().executemany("UPDATE job_outbox SET error = %s WHERE id = %s", list(rejected))
 
 
-def reopen_relayed(conn: psycopg.Connection) -> int:
+def reopen_relayed(conn: Conn) -> int:
     """After the broker lost its data: every relayed-but-not-done row is sent again."""
     return conn.execute(
         """UPDATE job_outbox SET relayed_at = NULL
@@ -122,7 +123,7 @@ def reopen_relayed(conn: psycopg.Connection) -> int:
 # --- dead letters ----------------------------------------------------------------------------
 
 
-def record_dead_letter(conn: psycopg.Connection, *, message_id: str, job: str, queue: str, message: dict[str, Any],
+def record_dead_letter(conn: Conn, *, message_id: str, job: str, queue: str, message: dict[str, Any],
                        outbox_id: int | None, reason: str, retries: int) -> None:
     """The dead letter, and its outbox row closed with the reason (the relay never sends it again)."""
     conn.execute(
@@ -139,7 +140,8 @@ def record_dead_letter(conn: psycopg.Connection, *, message_id: str, job: str, q
 
 
 def _open_filter(ids: Sequence[int] | None, job: str | None) -> tuple[str, list[Any]]:
-    clauses, params = ["replayed_at IS NULL"], []
+    clauses: list[str] = ["replayed_at IS NULL"]
+    params: list[Any] = []
     if ids is not None:
         clauses.append("id = ANY(%s)")
         params.append(list(ids))
@@ -149,7 +151,7 @@ def _open_filter(ids: Sequence[int] | None, job: str | None) -> tuple[str, list[
     return " AND ".join(clauses), params
 
 
-def list_dead_letters(conn: psycopg.Connection, *, limit: int, job: str | None) -> list[dict[str, Any]]:
+def list_dead_letters(conn: Conn, *, limit: int, job: str | None) -> list[dict[str, Any]]:
     where, params = _open_filter(None, job)
     return conn.execute(
         f"SELECT id, job, queue_name, reason, retries, failed_at, outbox_id FROM dead_letters "
@@ -158,18 +160,18 @@ def list_dead_letters(conn: psycopg.Connection, *, limit: int, job: str | None) 
     ).fetchall()
 
 
-def get_dead_letter(conn: psycopg.Connection, dead_letter_id: int) -> dict[str, Any] | None:
+def get_dead_letter(conn: Conn, dead_letter_id: int) -> dict[str, Any] | None:
     return conn.execute("SELECT * FROM dead_letters WHERE id = %s", (dead_letter_id,)).fetchone()
 
 
-def lock_open_dead_letters(conn: psycopg.Connection, ids: Sequence[int] | None,
+def lock_open_dead_letters(conn: Conn, ids: Sequence[int] | None,
                            job: str | None) -> list[dict[str, Any]]:
     where, params = _open_filter(ids, job)
     return conn.execute(f"SELECT * FROM dead_letters WHERE {where} ORDER BY id FOR UPDATE SKIP LOCKED",
                         params).fetchall()
 
 
-def reopen(conn: psycopg.Connection, outbox_id: int) -> bool:
+def reopen(conn: Conn, outbox_id: int) -> bool:
     """Send an outbox row again (a replayed dead letter): the relay picks it up now."""
     return bool(conn.execute(
         """UPDATE job_outbox SET error = NULL, relayed_at = NULL, available_at = now()
@@ -178,11 +180,11 @@ def reopen(conn: psycopg.Connection, outbox_id: int) -> bool:
     ).rowcount)
 
 
-def mark_replayed(conn: psycopg.Connection, dead_letter_id: int) -> None:
+def mark_replayed(conn: Conn, dead_letter_id: int) -> None:
     conn.execute("UPDATE dead_letters SET replayed_at = now() WHERE id = %s", (dead_letter_id,))
 
 
-def delete_open_dead_letters(conn: psycopg.Connection, ids: Sequence[int] | None,
+def delete_open_dead_letters(conn: Conn, ids: Sequence[int] | None,
                              job: str | None) -> list[dict[str, Any]]:
     where, params = _open_filter(ids, job)
     return conn.execute(f"DELETE FROM dead_letters WHERE {where} RETURNING queue_name, message", params).fetchall()
@@ -191,7 +193,7 @@ def delete_open_dead_letters(conn: psycopg.Connection, ids: Sequence[int] | None
 # --- housekeeping and the monitor's view ----------------------------------------------------
 
 
-def prune(conn: psycopg.Connection, *, done_for: timedelta, failed_for: timedelta, replayed_for: timedelta,
+def prune(conn: Conn, *, done_for: timedelta, failed_for: timedelta, replayed_for: timedelta,
           open_for: timedelta) -> dict[str, int]:
     """Delete outbox rows and dead letters that have outlived their purpose; counts per kind."""
     statements = {
@@ -209,7 +211,7 @@ def prune(conn: psycopg.Connection, *, done_for: timedelta, failed_for: timedelt
     return {name: conn.execute(sql, (age,)).rowcount for name, (sql, age) in statements.items()}
 
 
-def open_dead_letters_by_job(conn: psycopg.Connection) -> list[dict[str, Any]]:
+def open_dead_letters_by_job(conn: Conn) -> list[dict[str, Any]]:
     """Open dead letters per job: job, n, newest (id), newest_at, biggest count first."""
     return conn.execute(
         """SELECT job, count(*) AS n, max(id) AS newest, max(failed_at) AS newest_at FROM dead_letters
@@ -217,19 +219,19 @@ def open_dead_letters_by_job(conn: psycopg.Connection) -> list[dict[str, Any]]:
     ).fetchall()
 
 
-def backlog(conn: psycopg.Connection) -> dict[str, Any]:
+def backlog(conn: Conn) -> dict[str, Any]:
     """Outbox rows due and not done: backlog (count), oldest (age in seconds, 0 when none)."""
-    return conn.execute(
+    return one_row(conn.execute(
         """SELECT count(*) AS backlog,
                   COALESCE(extract(epoch FROM now() - min(available_at)), 0)::float8 AS oldest
              FROM job_outbox
             WHERE done_at IS NULL AND error IS NULL AND available_at <= now()"""
-    ).fetchone()
+    ).fetchone())
 
 
-def status(conn: psycopg.Connection) -> dict[str, Any]:
+def status(conn: Conn) -> dict[str, Any]:
     """`drop-jobs status`: pending, unrelayed, failed, oldest_pending_s."""
-    return conn.execute(
+    return one_row(conn.execute(
         """SELECT count(*) FILTER (WHERE done_at IS NULL AND error IS NULL) AS pending,
                   count(*) FILTER (WHERE done_at IS NULL AND error IS NULL AND relayed_at IS NULL
                                    AND available_at <= now()) AS unrelayed,
@@ -238,4 +240,4 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
                           FILTER (WHERE done_at IS NULL AND error IS NULL AND available_at <= now()))
                       AS oldest_pending_s
              FROM job_outbox"""
-    ).fetchone()
+    ).fetchone())

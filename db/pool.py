@@ -10,15 +10,18 @@ db/ is the lowest layer, so it does not read settings itself: worker.settings ha
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,14 @@ class PoolConfig:
     max_size: int
 
 
+# Every connection drop-worker opens returns rows as dicts.
+Conn = psycopg.Connection[DictRow]
+AsyncConn = psycopg.AsyncConnection[DictRow]
+ASYNC_POOL_SIZE = 10
+
 _config_source: Callable[[], PoolConfig] | None = None
 _lock = threading.Lock()
-_pool: ConnectionPool | None = None
+_pool: ConnectionPool[Conn] | None = None
 _pool_pid: int | None = None
 
 
@@ -52,7 +60,7 @@ def database_url() -> str:
     return url
 
 
-def get_pool() -> ConnectionPool:
+def get_pool() -> ConnectionPool[Conn]:
     global _pool, _pool_pid
     with _lock:
         if _pool is None or _pool_pid != os.getpid():
@@ -79,13 +87,58 @@ def close_pool() -> None:
         _pool = None
 
 
+def one_row(row: dict[str, Any] | None) -> dict[str, Any]:
+    """The row of a statement that always returns one (an aggregate, `RETURNING` of an insert
+    that cannot conflict); None here is a bug, not a case to handle."""
+    if row is None:
+        raise RuntimeError("a statement that always returns a row returned none")
+    return row
+
+
 @contextmanager
-def transaction() -> Iterator[psycopg.Connection]:
+def transaction() -> Iterator[Conn]:
     """A pooled connection inside one transaction (commit on success, rollback on error)."""
     with get_pool().connection() as conn, conn.transaction():
         yield conn
 
 
-def connect(**kwargs: object) -> psycopg.Connection:
+def connect(**kwargs: Any) -> Conn:
     """A dedicated connection outside the pool (LISTEN, advisory-lock leases, migrations)."""
-    return psycopg.connect(database_url(), row_factory=dict_row, **kwargs)  # type: ignore[arg-type]
+    return psycopg.connect(database_url(), row_factory=dict_row, **kwargs)
+
+
+# --- async: one pool per (process, event loop, database URL) ---------------------------------
+# Async jobs (AISP) run on Dramatiq's event loop; a pool belongs to the loop that opened it.
+
+_async_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                        tuple[tuple[int, str], asyncio.Task[AsyncConnectionPool[AsyncConn]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _open_async_pool(url: str, name: str) -> AsyncConnectionPool[AsyncConn]:
+    # Autocommit: each statement is one transaction and one round trip.
+    pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+        url, min_size=1, max_size=ASYNC_POOL_SIZE, open=False, timeout=30, name=name,
+        kwargs={"autocommit": True, "row_factory": dict_row},
+    )
+    await pool.open()
+    return pool
+
+
+async def get_async_pool(*, name: str = "drop-worker-async") -> AsyncConnectionPool[AsyncConn]:
+    """This event loop's autocommit pool (opened once, shared by the loop's coroutines)."""
+    loop = asyncio.get_running_loop()
+    key = (os.getpid(), database_url())
+    entry = _async_pools.get(loop)
+    if entry is None or entry[0] != key:
+        entry = (key, loop.create_task(_open_async_pool(key[1], name)))
+        _async_pools[loop] = entry
+    return await asyncio.shield(entry[1])
+
+
+async def close_async_pool() -> None:
+    entry = _async_pools.pop(asyncio.get_running_loop(), None)
+    if entry is not None:
+        pool = await entry[1]
+        await pool.close()

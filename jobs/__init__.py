@@ -13,11 +13,9 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-import psycopg
-
 from db import outbox
 from db.outbox import INTERNAL_PRODUCER_CTE
-from db.pool import transaction
+from db.pool import Conn, transaction
 from jobs.registry import registry
 from worker.alerts import send_alert
 
@@ -47,7 +45,7 @@ def enqueue(
     payload: dict[str, Any] | None = None,
     *,
     idempotency_key: str | None = None,
-    conn: psycopg.Connection | None = None,
+    conn: Conn | None = None,
     delay: timedelta | None = None,
     available_at: datetime | None = None,
 ) -> int | None:
@@ -79,7 +77,7 @@ def enqueue_internal(
     payload: dict[str, Any],
     *,
     key: str,
-    conn: psycopg.Connection,
+    conn: Conn,
     available_at: datetime | None = None,
 ) -> tuple[int, bool]:
     """An internal producer's enqueue, in the caller's transaction: `(outbox id, inserted now)`.

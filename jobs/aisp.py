@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import uuid
-import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,13 +34,11 @@ from typing import Any, TypeVar
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import CurrentMessage
 from prometheus_client import Counter
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
 from db import outbox
 from db.outbox import INTERNAL_PRODUCER_CTE
-from db.pool import database_url, transaction
+from db.pool import close_async_pool, get_async_pool, one_row, transaction  # noqa: F401  (close_async_pool: for callers)
 from jobs import aisp_rules as rules
 from jobs.registry import registry
 from worker.context import note_outbox_done
@@ -81,7 +77,6 @@ MAX_BATCH_SIZE = 1000
 MARKS_OUTBOX = frozenset({"ok", "consent_error", "access_exceeded"})
 INITIATORS = ("scheduler", "user")
 FANOUT_CHUNK = 10_000
-ASYNC_DB_POOL_SIZE = 10
 RELINK_MESSAGE = "Koblingen til banken din har utløpt. Vennligst koble til kontoen på nytt."
 CIRCUIT_JITTER_S = 30.0
 
@@ -122,44 +117,8 @@ class AispReadError(PermanentError):
     """A read whose answer we refuse to store (recorded in aisp_reads; dead-lettered, no retry)."""
 
 
-# --- the loop's PostgreSQL pool ----------------------------------------------------------------
-
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[tuple, asyncio.Task]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-async def _open_pool(url: str) -> AsyncConnectionPool:
-    # Autocommit: each statement below is one transaction and one round trip.
-    pool = AsyncConnectionPool(
-        url, min_size=1, max_size=ASYNC_DB_POOL_SIZE, open=False, timeout=30, name="drop-aisp",
-        kwargs={"autocommit": True, "row_factory": dict_row},
-    )
-    await pool.open()
-    return pool
-
-
-async def get_async_pool() -> AsyncConnectionPool:
-    """One async pool per (process, event loop, database URL)."""
-
-    loop = asyncio.get_running_loop()
-    key = (os.getpid(), database_url())
-    entry = _pools.get(loop)
-    if entry is None or entry[0] != key:
-        entry = (key, loop.create_task(_open_pool(key[1])))
-        _pools[loop] = entry
-    return await asyncio.shield(entry[1])
-
-
-async def close_async_pool() -> None:
-    entry = _pools.pop(asyncio.get_running_loop(), None)
-    if entry is not None:
-        pool = await entry[1]
-        await pool.close()
-
-
 async def _one(sql: str, params: tuple | dict) -> dict[str, Any] | None:
-    pool = await get_async_pool()
+    pool = await get_async_pool(name="drop-aisp")
     async with pool.connection() as conn:
         cur = await conn.execute(sql, params)
         return await cur.fetchone() if cur.description else None
@@ -301,7 +260,7 @@ async def _failed(row: dict[str, Any], read_id: int, bank_account_id: str, initi
     status = getattr(exc, "status", None)
     code = getattr(exc, "code", None)
     READS.labels(outcome, initiated_by).inc()
-    pool = await get_async_pool()
+    pool = await get_async_pool(name="drop-aisp")
     async with pool.connection() as conn, conn.transaction():
         await conn.execute(_RECORD, (outcome, status, code, read_id))
         if isinstance(exc, ConsentError):
@@ -382,6 +341,7 @@ def refresh_account(bank_account_id: str, initiated_by: str = "scheduler", psu_i
         return RunLater(result.run_later_ms, "neonomics circuit open")
     if outbox_id is not None and result.outcome in MARKS_OUTBOX:
         note_outbox_done()  # marked in the apply's own (committed) statement: no second transaction
+    return None
 
 
 # --- many accounts per message (the fan-out's unit of work) --------------------------------------
@@ -457,7 +417,7 @@ async def refresh_many(bank_account_ids: list[str], slot: datetime, *, now: date
     # The token first: if it cannot be had, nothing is reserved and the whole message retries.
     await client.access_token()
     request_ids = [str(uuid.uuid4()) for _ in ids]
-    pool = await get_async_pool()
+    pool = await get_async_pool(name="drop-aisp")
     async with pool.connection() as conn:
         cur = await conn.execute(_RESERVE_MANY, {"ids": ids, "request_ids": request_ids, "slot": slot, "now": now,
                                                  "limit": rules.QUOTA_LIMIT, "window": rules.QUOTA_WINDOW})
@@ -608,9 +568,9 @@ def fan_out(slot: datetime, *, spread_s: int = rules.DEFAULT_SPREAD_S, chunk: in
     after, total = "", 0
     while True:
         with transaction() as conn:
-            row = conn.execute(_FANOUT, {"slot_ts": slot, "slot": slot_text, "after": after, "chunk": chunk,
-                                         "spread": max(spread_s, 1), "job": REFRESH_BATCH,
-                                         "batch_size": max(1, min(batch_size, MAX_BATCH_SIZE))}).fetchone()
+            row = one_row(conn.execute(_FANOUT, {"slot_ts": slot, "slot": slot_text, "after": after, "chunk": chunk,
+                                                 "spread": max(spread_s, 1), "job": REFRESH_BATCH,
+                                                 "batch_size": max(1, min(batch_size, MAX_BATCH_SIZE))}).fetchone())
         total += row["inserted"]
         if row["scanned"] < chunk:
             break

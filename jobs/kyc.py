@@ -24,12 +24,11 @@ import random
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
 from dramatiq.middleware import CurrentMessage
 from prometheus_client import Counter
 from psycopg.types.json import Jsonb
 
-from db.pool import transaction
+from db.pool import Conn, transaction
 from jobs import enqueue_internal
 from jobs.kyc_rules import (
     _SAFE_ID as SAFE_ID,
@@ -93,7 +92,7 @@ AML_CHECKS = Counter(
 # --- effects ------------------------------------------------------------------------------
 
 
-def _audit(conn: psycopg.Connection, user_id: str | None, action: str, details: dict[str, Any]) -> None:
+def _audit(conn: Conn, user_id: str | None, action: str, details: dict[str, Any]) -> None:
     conn.execute("INSERT INTO audit_log (user_id, action, details) VALUES (%s, %s, %s)",
                  (user_id, action, Jsonb(details)))
 
@@ -121,7 +120,7 @@ def record_rejection(delivery: Delivery, body: str) -> None:
         mark_outbox_done(conn)
 
 
-def apply_event(conn: psycopg.Connection, event: Event, decision: Decision) -> str:
+def apply_event(conn: Conn, event: Event, decision: Decision) -> str:
     """All effects of one event inside the caller's transaction; returns the outcome."""
     first = conn.execute(
         "INSERT INTO processed_events (event_id, consumer_group) VALUES (%s, %s) "

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Histogram
 from psycopg.types.json import Jsonb
 
 import jobs
-from db.pool import transaction
+from db.pool import Conn, transaction
 from jobs import payments as rules
 from jobs.registry import registry
 from worker.alerts import send_alert
@@ -114,7 +114,7 @@ def state_of(row: dict[str, Any]) -> rules.PaymentState:
     )
 
 
-def lock_for_poll(conn: psycopg.Connection, transaction_id: str) -> dict[str, Any] | None:
+def lock_for_poll(conn: Conn, transaction_id: str) -> dict[str, Any] | None:
     """The row, locked for this transaction; None if it does not exist; PaymentBusy if another
     job keeps it locked for longer than LOCK_TIMEOUT_MS."""
     conn.execute(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}")
@@ -132,18 +132,18 @@ def lock_for_poll(conn: psycopg.Connection, transaction_id: str) -> dict[str, An
 # --- effects (inside the caller's transaction) -----------------------------------------------
 
 
-def notify(conn: psycopg.Connection, user_id: str, kind: str, message: str) -> None:
+def notify(conn: Conn, user_id: str, kind: str, message: str) -> None:
     conn.execute("INSERT INTO notifications (user_id, kind, message) VALUES (%s, %s, %s)", (user_id, kind, message))
 
 
-def audit(conn: psycopg.Connection, row: dict[str, Any], action: str, details: dict[str, Any]) -> None:
+def audit(conn: Conn, row: dict[str, Any], action: str, details: dict[str, Any]) -> None:
     # Ids, codes and amounts only: no personal data in audit details.
     body = {"transaction_id": row["id"], "payment_id": row["payment_id"], "request_id": request_id(), **details}
     conn.execute("INSERT INTO audit_log (user_id, action, details) VALUES (%s, %s, %s)",
                  (row["user_id"], action, Jsonb(body)))
 
 
-def _lock_account(conn: psycopg.Connection, account_id: str) -> dict[str, Any] | None:
+def _lock_account(conn: Conn, account_id: str) -> dict[str, Any] | None:
     # Locked so a concurrent balance sync cannot slip between our check and our update.
     return conn.execute(
         "SELECT id, balance, balance_synced_at, currency FROM bank_accounts WHERE id = %s FOR UPDATE",
@@ -151,7 +151,7 @@ def _lock_account(conn: psycopg.Connection, account_id: str) -> dict[str, Any] |
     ).fetchone()
 
 
-def restore_balance(conn: psycopg.Connection, row: dict[str, Any], now: datetime) -> dict[str, Any]:
+def restore_balance(conn: Conn, row: dict[str, Any], now: datetime) -> dict[str, Any]:
     """Give a failed payment's amount back to the cached balance, at most once (ledger primary
     key), and only if that balance was synced before the payment was created."""
     account = _lock_account(conn, row["bank_account_id"]) if row["bank_account_id"] else None
@@ -176,7 +176,7 @@ def restore_balance(conn: psycopg.Connection, row: dict[str, Any], now: datetime
     return {"balance_restored": True, "balance_note": why}
 
 
-def redebit_balance(conn: psycopg.Connection, row: dict[str, Any], now: datetime) -> dict[str, Any]:
+def redebit_balance(conn: Conn, row: dict[str, Any], now: datetime) -> dict[str, Any]:
     """Undo the restore of a payment the bank completed after all, at most once."""
     account = _lock_account(conn, row["bank_account_id"]) if row["bank_account_id"] else None
     if account is None:
@@ -207,7 +207,7 @@ def poll_key(transaction_id: str, due: datetime) -> str:
     return f"drop:{POLL_JOB}:{transaction_id}:due:{due.isoformat()}"
 
 
-def schedule_poll(conn: psycopg.Connection, transaction_id: str, due: datetime) -> None:
+def schedule_poll(conn: Conn, transaction_id: str, due: datetime) -> None:
     """The outbox row of the poll due at `due` (deduplicated on transaction + due time)."""
 
     jobs.enqueue_internal(POLL_JOB, {"transaction_id": transaction_id, "due": due.isoformat()},
@@ -226,7 +226,7 @@ class Applied:
 
 
 def apply_decision(
-    conn: psycopg.Connection,
+    conn: Conn,
     row: dict[str, Any],
     decision: rules.Decision,
     code: str | None,

@@ -24,10 +24,9 @@ from collections import Counter as Tally
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from prometheus_client import Counter
 
-from db.pool import transaction
+from db.pool import Conn, transaction
 from jobs import payments as rules
 from jobs import pisp
 from jobs.registry import registry
@@ -67,7 +66,7 @@ def due_payments(now: datetime, timeout_s: int, *, limit: int = BATCH_LIMIT) -> 
     return [r["id"] for r in rows]
 
 
-def _lock_expired(conn: psycopg.Connection, transaction_id: str, cutoff: datetime) -> dict[str, Any] | None:
+def _lock_expired(conn: Conn, transaction_id: str, cutoff: datetime) -> dict[str, Any] | None:
     # SKIP LOCKED: a poll holding the row is mid provider call; the next run looks again.
     row = conn.execute(
         f"""SELECT {pisp.COLUMNS} FROM transactions
@@ -107,7 +106,7 @@ def _cancel(payment_id: str) -> rules.Cancellation:
 
 
 def apply_sca_timeout(
-    conn: psycopg.Connection,
+    conn: Conn,
     row: dict[str, Any],
     now: datetime,
     *,

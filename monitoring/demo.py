@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 
 import jobs
-from db.pool import transaction
+from db.pool import one_row, transaction
 from sandbox.admin import SandboxAdmin
 from worker.providers import get_neonomics
 from worker.settings import get_settings
@@ -133,16 +133,16 @@ def start(run_id: str) -> dict:
 
 def progress(run_id: str, started: datetime, transactions: list[str]) -> dict:
     with transaction() as conn:
-        kyc = conn.execute(
+        kyc = one_row(conn.execute(
             """SELECT count(*) FILTER (WHERE s.result = 'approved') AS approved,
                       count(*) FILTER (WHERE s.result IN ('rejected', 'retry')) AS other
                  FROM screening_results s WHERE s.screening_type = 'kyc' AND s.provider_ref LIKE %s""",
             (f"demo-{run_id}-%",),
-        ).fetchone()
-        balances = conn.execute(
+        ).fetchone())
+        balances = one_row(conn.execute(
             "SELECT count(*) AS n FROM bank_accounts WHERE id LIKE 'demo_acct_%%' AND balance_synced_at >= %s",
             (started,),
-        ).fetchone()["n"]
+        ).fetchone())["n"]
         payments = conn.execute(
             "SELECT status, failure_reason FROM transactions WHERE id = ANY(%s) ORDER BY id", (transactions,)
         ).fetchall()

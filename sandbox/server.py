@@ -33,6 +33,7 @@ from typing import Any
 
 import psycopg
 from aiohttp import web
+from psycopg.rows import dict_row
 
 import jobs
 from worker.providers.sumsub import DEFAULT_DIGEST_ALG, sign_request, webhook_digest
@@ -528,7 +529,7 @@ def _insert_outbox(dsn: str, schema: str | None, payload: dict[str, Any], idem: 
     Imported here: only a sandbox wired to a database needs the job system (and its broker)."""
 
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
         if schema:
             conn.execute("SELECT set_config('search_path', %s, false)", (schema,))
         with conn.transaction():

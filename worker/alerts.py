@@ -324,7 +324,7 @@ def install_crash_alerts(kind: str) -> None:
         except Exception:
             log.exception("could not raise the unhandled-exception alert")
 
-    def excepthook(exc_type, exc, tb):  # type: ignore[no-untyped-def]
+    def excepthook(exc_type, exc, tb):
         alert(exc_type, exc, "the main thread")
         previous_hook(exc_type, exc, tb)
 

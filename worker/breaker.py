@@ -244,7 +244,7 @@ class EventPublisher(pybreaker.CircuitBreakerListener):
         log.log(log_level, "circuit breaker %s: %s → %s", name, event["from"], event["to"])
         try:
             client = get_redis()
-            client.xadd(events_key(), event, maxlen=EVENTS_MAXLEN, approximate=True)
+            client.xadd(events_key(), {k: str(v) for k, v in event.items()}, maxlen=EVENTS_MAXLEN, approximate=True)
             client.publish(events_key(), json.dumps(event))
         except redis.RedisError:
             log.warning("could not publish breaker event for %s", name)
@@ -316,10 +316,10 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
         if verdict == CLOSED:
             return None
         if verdict == "trial":
-            set_gauges(self.name, HALF_OPEN)
+            set_gauges(str(self.name), HALF_OPEN)
             return token
-        set_gauges(self.name, OPEN if verdict == OPEN else HALF_OPEN)
-        raise CircuitOpenError(self.name, retry_after_s=int(wait_ms) / 1000, half_open=verdict == "busy")
+        set_gauges(str(self.name), OPEN if verdict == OPEN else HALF_OPEN)
+        raise CircuitOpenError(str(self.name), retry_after_s=int(wait_ms) / 1000, half_open=verdict == "busy")
 
     def _on_failure(self, token: str | None) -> None:
         k = self._keys
@@ -385,7 +385,7 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
         self._outcome(token, None)
         return result
 
-    async def call_async(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:  # type: ignore[override]
+    async def call_async(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """The same for a coroutine function (the Redis round trips are short and synchronous)."""
         token = self._admit()
         try:
@@ -430,7 +430,7 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
         retry_after = 0.0
         if state == OPEN and opened_at is not None:
             retry_after = max(0.0, opened_at.timestamp() + self.reset_timeout - time.time())
-        return BreakerStatus(self.name, state, self.fail_counter, opened_at, retry_after)
+        return BreakerStatus(str(self.name), state, self.fail_counter, opened_at, retry_after)
 
 
 # --- the process's breakers -----------------------------------------------------------------

@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextvars
 import uuid
 
-import psycopg
 from dramatiq.middleware import CurrentMessage
 
 from db import outbox
-from db.pool import transaction
+from db.pool import Conn, transaction
 
 # Set by worker.middleware.RequestContext while a job runs.
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("drop_request_id", default=None)
@@ -25,7 +24,7 @@ def current_outbox_id() -> int | None:
     return None if message is None else message.options.get("outbox_id")
 
 
-def mark_outbox_done(conn: psycopg.Connection) -> None:
+def mark_outbox_done(conn: Conn) -> None:
     """Mark this job's outbox row done inside the caller's transaction (with its effects)."""
     outbox_id = current_outbox_id()
     if outbox_id is not None:

@@ -7,6 +7,8 @@ idempotency key; any other message is re-enqueued with its retry count reset.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dramatiq
 
 from db import outbox
@@ -58,7 +60,7 @@ def replay(ids: list[int] | None, *, job: str | None = None, broker: dramatiq.Br
             options = {
                 k: v for k, v in (data.get("options") or {}).items() if k not in ("retries", "redis_message_id", "eta")
             }
-            message = dramatiq.Message(
+            message: dramatiq.Message[Any] = dramatiq.Message(
                 queue_name=data["queue_name"].removesuffix(".DQ"),
                 actor_name=data["actor_name"],
                 args=tuple(data.get("args") or ()),

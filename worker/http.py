@@ -82,7 +82,7 @@ def _bound(response: httpx.Response, seconds: float, limit: int) -> None:
     if isinstance(response.stream, httpx.AsyncByteStream):
         response.stream = _AsyncBoundedStream(response.stream, request, deadline, limit)
     else:
-        response.stream = _BoundedStream(response.stream, request, deadline, limit)  # type: ignore[arg-type]
+        response.stream = _BoundedStream(response.stream, request, deadline, limit)
 
 
 def _bounded_hooks(seconds: float, limit: int) -> tuple:

@@ -26,6 +26,7 @@ from typing import Any
 
 import dramatiq
 import sentry_sdk
+from dramatiq.broker import MessageProxy
 from dramatiq.errors import Retry
 from dramatiq.middleware import Retries
 from sentry_sdk.integrations.dramatiq import SentryMiddleware
@@ -139,7 +140,8 @@ def record_dead_letter(message: dramatiq.Message, exc: BaseException | None, *, 
 def dead_letter_job(job: str, queue: str, kwargs: dict[str, Any], exc: BaseException) -> None:
     """A dead letter for a job that never had a message of its own (one account of an AISP batch):
     replayable like any other, as that job with these arguments."""
-    message = dramatiq.Message(queue_name=queue, actor_name=job, args=(), kwargs=kwargs, options={})
+    message: dramatiq.Message[Any] = dramatiq.Message(queue_name=queue, actor_name=job, args=(), kwargs=kwargs,
+                                                      options={})
     record_dead_letter(message, exc)
 
 
@@ -172,7 +174,8 @@ class SentryJobs(SentryMiddleware):
         except Exception:
             log.exception("Sentry could not start; continuing without it")
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    # sentry-sdk types this hook with Message, Dramatiq with MessageProxy: the libraries disagree.
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:  # type: ignore[override]
         super().before_process_message(broker, message)
         scope = getattr(message, "_scope_manager", None)
         if scope is None:  # Sentry off
@@ -182,7 +185,7 @@ class SentryJobs(SentryMiddleware):
 
 
 class ErrorCounter(dramatiq.Middleware):
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
+    def after_process_message(self, broker: dramatiq.Broker, message: MessageProxy, *,
                               result: object = None, exception: BaseException | None = None) -> None:
         if exception is None or isinstance(exception, Retry):
             return  # Retry is a job asking to run again later, not an error

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from db import outbox
-from db.pool import transaction
+from db.pool import one_row, transaction
 from worker import breaker, dramatiq_redis
 from worker.redis_client import get_redis, key
 from worker.settings import get_settings
@@ -102,23 +102,23 @@ def database_state() -> dict[str, Any]:
         conn.execute("SET LOCAL statement_timeout = 2000")
         dead = outbox.open_dead_letters_by_job(conn)
         backlog = outbox.backlog(conn)
-        kyc = conn.execute(
+        kyc: dict[str, Any] = one_row(conn.execute(
             """SELECT count(*) FILTER (WHERE result = 'approved') AS approved,
                       count(*) AS reviewed
                  FROM screening_results
                 WHERE screening_type = 'kyc' AND result = ANY(%s)
                   AND created_at > now() - interval '1 hour'""",
             (list(KYC_REVIEWED),),
-        ).fetchone()
+        ).fetchone())
         # An account never synced counts from its creation: it is the stalest of all.
-        aisp = conn.execute(
+        aisp: dict[str, Any] = one_row(conn.execute(
             """SELECT count(*) AS accounts,
                       COALESCE(extract(epoch FROM now() - min(COALESCE(balance_synced_at, created_at))), 0)::float8
                         AS oldest,
                       count(*) FILTER (WHERE balance_synced_at IS NULL) AS never_synced
                  FROM bank_accounts
                 WHERE consent_status = 'valid' AND needs_relink = false"""
-        ).fetchone()
+        ).fetchone())
         fires = conn.execute(
             """SELECT job, extract(epoch FROM max(slot))::float8 AS last_slot,
                       extract(epoch FROM max(fired_at))::float8 AS last_fired

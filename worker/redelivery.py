@@ -71,10 +71,11 @@ class CrashGuard(dramatiq.Middleware):
         return key("deliveries", message.message_id)
 
     def _count_delivery(self, client, name: str) -> int:
-        if self._count is None:
-            self._count = client.register_script(_COUNT_DELIVERY)
+        count = self._count
+        if count is None:
+            count = self._count = client.register_script(_COUNT_DELIVERY)
         # EVALSHA on this client (redis-py loads the script on NOSCRIPT, e.g. after a Redis restart).
-        return int(self._count(keys=[name], args=[self.TTL_S], client=client))
+        return int(count(keys=[name], args=[self.TTL_S], client=client))
 
     def before_process_message(self, broker, message):
         client = get_redis()

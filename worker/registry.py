@@ -62,6 +62,7 @@ class JobRegistry:
         self._broker = broker
         for job in self._jobs.values():
             if job.name not in broker.actors:
-                dramatiq.actor(as_actor_fn(job.fn), actor_name=job.name, queue_name=job.queue, broker=broker,
-                               **job.options)
+                options: dict[str, Any] = dict(job.options)
+                dramatiq.actor(as_actor_fn(job.fn), actor_name=job.name, queue_name=job.queue,  # type: ignore[call-overload]
+                               broker=broker, **options)  # Dramatiq's overloads do not cover **options
         return {name: broker.get_actor(name) for name in self._jobs}

@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import re
 from importlib.metadata import version
-from typing import Any
+from typing import Any, cast
 
 import sentry_sdk
 from sentry_sdk.integrations.dramatiq import DramatiqIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
+from sentry_sdk.types import Event, Hint
 
 from worker.context import request_id_var
 from worker.pii import REDACTED, scrub, scrub_text, scrub_url
@@ -179,13 +180,14 @@ def scrub_breadcrumb(crumb: dict[str, Any]) -> dict[str, Any]:
     return crumb
 
 
-def _before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any] | None:
+def _before_send(sentry_event: Event, hint: Hint) -> Event | None:
+    event = cast(dict[str, Any], sentry_event)  # scrubbed as plain data: every key, known or not
     try:
         tags = event.setdefault("tags", {})
         rid = request_id_var.get()
         if rid and isinstance(tags, dict) and "request_id" not in tags:
             tags["request_id"] = rid
-        return scrub_event(event)
+        return cast(Event, scrub_event(event))
     except Exception:
         # A scrubber bug must not leak an unscrubbed event: drop it.
         log.exception("Sentry event dropped: scrubbing failed")

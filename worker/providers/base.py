@@ -63,10 +63,32 @@ def call_with_retries(
             attempt += 1
 
 
-class ProviderClient:
-    """Base: owns one pooled httpx client; subclasses describe operations."""
+class ProviderAnswers:
+    """Reading a provider's answers: shared by the sync clients and the async Neonomics client,
+    so both answer identically (they only read `self.provider`)."""
 
     provider = "provider"
+
+    def _json(self, response: httpx.Response, operation: str) -> dict[str, Any]:
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            raise MalformedResponseError(
+                "body is not JSON", provider=self.provider, operation=operation, status=response.status_code
+            ) from None
+        if not isinstance(data, dict):
+            raise MalformedResponseError(
+                "body is not a JSON object", provider=self.provider, operation=operation,
+                status=response.status_code,
+            )
+        return data
+
+    def _malformed(self, operation: str, what: str, status: int | None = None) -> MalformedResponseError:
+        return MalformedResponseError(what, provider=self.provider, operation=operation, status=status)
+
+
+class ProviderClient(ProviderAnswers):
+    """Base: owns one pooled httpx client; subclasses describe operations."""
 
     def __init__(
         self,
@@ -115,20 +137,3 @@ class ProviderClient:
         finally:
             PROVIDER_LATENCY.labels(self.provider, operation).observe(time.perf_counter() - started)
             PROVIDER_REQUESTS.labels(self.provider, operation, outcome).inc()
-
-    def _json(self, response: httpx.Response, operation: str) -> dict[str, Any]:
-        try:
-            data = json.loads(response.content)
-        except ValueError:
-            raise MalformedResponseError(
-                "body is not JSON", provider=self.provider, operation=operation, status=response.status_code
-            ) from None
-        if not isinstance(data, dict):
-            raise MalformedResponseError(
-                "body is not a JSON object", provider=self.provider, operation=operation,
-                status=response.status_code,
-            )
-        return data
-
-    def _malformed(self, operation: str, what: str, status: int | None = None) -> MalformedResponseError:
-        return MalformedResponseError(what, provider=self.provider, operation=operation, status=status)

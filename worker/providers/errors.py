@@ -15,6 +15,7 @@ import email.utils
 import json
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import httpx
 
@@ -192,7 +193,7 @@ def error_for_response(response: httpx.Response, *, provider: str, operation: st
     """The typed error for a non-2xx response."""
     status = response.status_code
     codes = error_codes(response)
-    kw = {"provider": provider, "operation": operation, "status": status, "codes": codes}
+    kw: dict[str, Any] = {"provider": provider, "operation": operation, "status": status, "codes": codes}
     consent = [c for c in codes if c in CONSENT_CODES]
     if status in (401, 403) and consent:
         return ConsentError("consent is not usable", **{**kw, "codes": consent})
@@ -217,7 +218,7 @@ def error_for_response(response: httpx.Response, *, provider: str, operation: st
 
 def error_for_transport(exc: httpx.TransportError, *, provider: str, operation: str) -> ProviderError:
     """httpx transport failures: timeouts and connection errors (both transient)."""
-    kw = {"provider": provider, "operation": operation}
+    kw: dict[str, Any] = {"provider": provider, "operation": operation}
     if isinstance(exc, httpx.TimeoutException):
         return ProviderTimeout(f"no answer in time ({type(exc).__name__})", **kw)
     return ProviderConnectionError(f"connection failed ({type(exc).__name__})", **kw)

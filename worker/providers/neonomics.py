@@ -24,7 +24,7 @@ from httpcore._utils import is_socket_readable
 from worker.breaker import NEONOMICS_AISP, NEONOMICS_PISP, get_breaker
 from worker.http import MAX_RESPONSE_BYTES, REQUEST_ID_HEADER, ResponseTooLarge, make_async_client, make_client
 from worker.money import AmountError, format_amount, parse_amount
-from worker.providers.base import PROVIDER_LATENCY, PROVIDER_REQUESTS, ProviderClient
+from worker.providers.base import PROVIDER_LATENCY, PROVIDER_REQUESTS, ProviderAnswers, ProviderClient
 from worker.providers.errors import (
     AuthenticationError,
     CircuitOpenError,
@@ -105,7 +105,51 @@ class _Token:
     fetched: int = field(default=0)
 
 
-class NeonomicsClient(ProviderClient):
+class NeonomicsAnswers(ProviderAnswers):
+    """Neonomics' token and balance answers, validated the same way by both clients."""
+
+    provider = "neonomics"
+
+    def _token_from(self, response: httpx.Response, fetched_so_far: int) -> _Token:
+        """Validate a token answer (shared by the sync and async clients)."""
+        data = self._json(response, "token")
+        value = data.get("access_token")
+        expires_in = data.get("expires_in", 300)
+        if not isinstance(value, str) or not value:
+            raise self._malformed("token", "no access_token", response.status_code)
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+            raise self._malformed("token", "bad expires_in", response.status_code)
+        # Refresh a little before expiry (never more than a tenth of a short lifetime).
+        margin = min(TOKEN_REFRESH_MARGIN_S, float(expires_in) / 10)
+        return _Token(value, time.monotonic() + float(expires_in) - margin, fetched_so_far + 1)
+
+    def _parse_balances(self, account_id: str, data: dict[str, Any]) -> Balances:
+        raw = data.get("balances")
+        if not isinstance(raw, list) or not raw:
+            raise self._malformed("balances", "no balances")
+        parsed = []
+        for item in raw:
+            if not isinstance(item, dict):
+                raise self._malformed("balances", "balance is not an object")
+            amount = item.get("balanceAmount")
+            if not isinstance(amount, dict):
+                raise self._malformed("balances", "balanceAmount missing")
+            currency = amount.get("currency")
+            if not isinstance(currency, str) or len(currency) != 3 or not currency.isalpha():
+                raise self._malformed("balances", "bad currency")
+            try:
+                ore = parse_amount(amount.get("amount"))
+            except AmountError as exc:
+                raise self._malformed("balances", f"bad amount ({exc})") from None
+            balance_type = item.get("balanceType")
+            if not isinstance(balance_type, str):
+                raise self._malformed("balances", "balanceType missing")
+            last = item.get("lastChangeDateTime")
+            parsed.append(Balance(balance_type, ore, currency.upper(), last if isinstance(last, str) else None))
+        return Balances(account_id, tuple(parsed))
+
+
+class NeonomicsClient(NeonomicsAnswers, ProviderClient):
     provider = "neonomics"
 
     def __init__(
@@ -156,19 +200,6 @@ class NeonomicsClient(ProviderClient):
         )
         return self._token_from(response, fetched_so_far)
 
-    def _token_from(self, response: httpx.Response, fetched_so_far: int) -> _Token:
-        """Validate a token answer (shared by the sync and async clients)."""
-        data = self._json(response, "token")
-        value = data.get("access_token")
-        expires_in = data.get("expires_in", 300)
-        if not isinstance(value, str) or not value:
-            raise self._malformed("token", "no access_token", response.status_code)
-        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
-            raise self._malformed("token", "bad expires_in", response.status_code)
-        # Refresh a little before expiry (never more than a tenth of a short lifetime).
-        margin = min(TOKEN_REFRESH_MARGIN_S, float(expires_in) / 10)
-        return _Token(value, time.monotonic() + float(expires_in) - margin, fetched_so_far + 1)
-
     def invalidate_token(self) -> None:
         with self._token_lock:
             self._token = _Token(fetched=self._token.fetched)
@@ -203,31 +234,6 @@ class NeonomicsClient(ProviderClient):
             return self._parse_balances(account_id, self._json(response, "balances"))
 
         return self._guarded(get_breaker(NEONOMICS_AISP), attempt)
-
-    def _parse_balances(self, account_id: str, data: dict[str, Any]) -> Balances:
-        raw = data.get("balances")
-        if not isinstance(raw, list) or not raw:
-            raise self._malformed("balances", "no balances")
-        parsed = []
-        for item in raw:
-            if not isinstance(item, dict):
-                raise self._malformed("balances", "balance is not an object")
-            amount = item.get("balanceAmount")
-            if not isinstance(amount, dict):
-                raise self._malformed("balances", "balanceAmount missing")
-            currency = amount.get("currency")
-            if not isinstance(currency, str) or len(currency) != 3 or not currency.isalpha():
-                raise self._malformed("balances", "bad currency")
-            try:
-                ore = parse_amount(amount.get("amount"))
-            except AmountError as exc:
-                raise self._malformed("balances", f"bad amount ({exc})") from None
-            balance_type = item.get("balanceType")
-            if not isinstance(balance_type, str):
-                raise self._malformed("balances", "balanceType missing")
-            last = item.get("lastChangeDateTime")
-            parsed.append(Balance(balance_type, ore, currency.upper(), last if isinstance(last, str) else None))
-        return Balances(account_id, tuple(parsed))
 
     # --- PISP -----------------------------------------------------------------------------
 
@@ -266,8 +272,10 @@ class NeonomicsClient(ProviderClient):
             payment_id, status = data.get("paymentId"), data.get("transactionStatus")
             if not isinstance(payment_id, str) or not payment_id or not isinstance(status, str):
                 raise self._malformed("initiate", "paymentId/transactionStatus missing", response.status_code)
-            links = data.get("_links") if isinstance(data.get("_links"), dict) else {}
-            sca = links.get("scaRedirect") if isinstance(links.get("scaRedirect"), dict) else {}
+            raw_links = data.get("_links")
+            links: dict[str, Any] = raw_links if isinstance(raw_links, dict) else {}
+            raw_sca = links.get("scaRedirect")
+            sca: dict[str, Any] = raw_sca if isinstance(raw_sca, dict) else {}
             href = sca.get("href") if isinstance(sca.get("href"), str) else None
             return PaymentInitiation(payment_id, status, href)
 
@@ -304,21 +312,16 @@ class NeonomicsClient(ProviderClient):
         return self._guarded(get_breaker(NEONOMICS_PISP), attempt)
 
 
-class AsyncNeonomicsClient:
+class AsyncNeonomicsClient(NeonomicsAnswers):
     """The async twin of `NeonomicsClient` for AsyncIO actors (AISP balance reads).
 
     One instance per event loop (`get_async_neonomics()`): its httpx.AsyncClient pools and one
     cached token are shared by every coroutine of the loop, so in-flight reads cost sockets,
-    not threads. Parsing, error mapping, metrics and the breaker are the sync client's
-    (the same functions), so both clients answer identically.
+    not threads. Parsing (`NeonomicsAnswers`, the base both share), error mapping, metrics and
+    the breaker are the sync client's, so both clients answer identically.
     """
 
     provider = "neonomics"
-    # Shared, not copied: these only read `self.provider` (and each other).
-    _json = ProviderClient._json
-    _malformed = ProviderClient._malformed
-    _token_from = NeonomicsClient._token_from
-    _parse_balances = NeonomicsClient._parse_balances
 
     def __init__(
         self,

@@ -187,8 +187,10 @@ class SumsubClient(ProviderClient):
             review_status = data.get("reviewStatus")
             if not isinstance(review_status, str):
                 raise self._malformed("status", "reviewStatus missing", response.status_code)
-            result = data.get("reviewResult") if isinstance(data.get("reviewResult"), dict) else {}
-            labels = result.get("rejectLabels") if isinstance(result.get("rejectLabels"), list) else []
+            raw_result = data.get("reviewResult")
+            result: dict[str, Any] = raw_result if isinstance(raw_result, dict) else {}
+            raw_labels = result.get("rejectLabels")
+            labels: list[Any] = raw_labels if isinstance(raw_labels, list) else []
             return ApplicantStatus(
                 applicant_id,
                 review_status,
