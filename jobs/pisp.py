@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -154,53 +155,59 @@ def _lock_account(conn: Conn, account_id: str) -> dict[str, Any] | None:
 def restore_balance(conn: Conn, row: dict[str, Any], now: datetime) -> dict[str, Any]:
     """Give a failed payment's amount back to the cached balance, at most once (ledger primary
     key), and only if that balance was synced before the payment was created."""
-    account = _lock_account(conn, row["bank_account_id"]) if row["bank_account_id"] else None
-    if account is None:
-        return {"balance_restored": False, "balance_note": "no_account"}
-    ok, why = rules.should_restore_balance(
-        balance=account["balance"], balance_synced_at=account["balance_synced_at"],
-        account_currency=account["currency"], payment_created_at=row["created_at"],
-        payment_currency=row["currency"],
-    )
-    if not ok:
-        return {"balance_restored": False, "balance_note": why}
-    inserted = conn.execute(
-        """INSERT INTO payment_balance_adjustments (transaction_id, kind, bank_account_id, amount, created_at)
-           VALUES (%s, 'restore', %s, %s, %s) ON CONFLICT DO NOTHING RETURNING amount""",
-        (row["id"], account["id"], row["amount"], now),
-    ).fetchone()
-    if inserted is None:
-        return {"balance_restored": False, "balance_note": "already_restored"}
-    conn.execute("UPDATE bank_accounts SET balance = balance + %s, updated_at = now() WHERE id = %s",
-                 (row["amount"], account["id"]))
-    return {"balance_restored": True, "balance_note": why}
+
+    def decide(account: dict[str, Any]) -> tuple[bool, str]:
+        return rules.should_restore_balance(
+            balance=account["balance"], balance_synced_at=account["balance_synced_at"],
+            account_currency=account["currency"], payment_created_at=row["created_at"],
+            payment_currency=row["currency"],
+        )
+
+    return _adjust_balance(conn, row, now, "restore", decide)
 
 
 def redebit_balance(conn: Conn, row: dict[str, Any], now: datetime) -> dict[str, Any]:
     """Undo the restore of a payment the bank completed after all, at most once."""
+
+    def decide(account: dict[str, Any]) -> tuple[bool, str]:
+        restore = conn.execute(
+            "SELECT created_at FROM payment_balance_adjustments WHERE transaction_id = %s AND kind = 'restore'",
+            (row["id"],),
+        ).fetchone()
+        return rules.should_redebit_balance(
+            balance=account["balance"], balance_synced_at=account["balance_synced_at"],
+            restored_at=restore["created_at"] if restore else None,
+        )
+
+    return _adjust_balance(conn, row, now, "redebit", decide)
+
+
+# kind → (the result's flag, the note when the ledger already holds this adjustment, sign)
+_ADJUSTMENTS = {"restore": ("balance_restored", "already_restored", 1),
+                "redebit": ("balance_redebited", "already_redebited", -1)}
+
+
+def _adjust_balance(conn: Conn, row: dict[str, Any], now: datetime, kind: str,
+                    decide: Callable[[dict[str, Any]], tuple[bool, str]]) -> dict[str, Any]:
+    """One balance adjustment of a payment, at most once: the ledger row (its primary key is
+    (transaction, kind)) and the balance change commit together, or neither happens."""
+    flag, already, sign = _ADJUSTMENTS[kind]
     account = _lock_account(conn, row["bank_account_id"]) if row["bank_account_id"] else None
     if account is None:
-        return {"balance_redebited": False, "balance_note": "no_account"}
-    restore = conn.execute(
-        "SELECT created_at FROM payment_balance_adjustments WHERE transaction_id = %s AND kind = 'restore'",
-        (row["id"],),
-    ).fetchone()
-    ok, why = rules.should_redebit_balance(
-        balance=account["balance"], balance_synced_at=account["balance_synced_at"],
-        restored_at=restore["created_at"] if restore else None,
-    )
+        return {flag: False, "balance_note": "no_account"}
+    ok, why = decide(account)
     if not ok:
-        return {"balance_redebited": False, "balance_note": why}
+        return {flag: False, "balance_note": why}
     inserted = conn.execute(
         """INSERT INTO payment_balance_adjustments (transaction_id, kind, bank_account_id, amount, created_at)
-           VALUES (%s, 'redebit', %s, %s, %s) ON CONFLICT DO NOTHING RETURNING amount""",
-        (row["id"], account["id"], row["amount"], now),
+           VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING amount""",
+        (row["id"], kind, account["id"], row["amount"], now),
     ).fetchone()
     if inserted is None:
-        return {"balance_redebited": False, "balance_note": "already_redebited"}
-    conn.execute("UPDATE bank_accounts SET balance = balance - %s, updated_at = now() WHERE id = %s",
-                 (row["amount"], account["id"]))
-    return {"balance_redebited": True, "balance_note": why}
+        return {flag: False, "balance_note": already}
+    conn.execute("UPDATE bank_accounts SET balance = balance + %s, updated_at = now() WHERE id = %s",
+                 (sign * row["amount"], account["id"]))
+    return {flag: True, "balance_note": why}
 
 
 def poll_key(transaction_id: str, due: datetime) -> str:

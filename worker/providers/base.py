@@ -7,7 +7,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import httpx
@@ -69,6 +70,32 @@ class ProviderAnswers:
 
     provider = "provider"
 
+    @contextmanager
+    def _attempt(self, operation: str) -> Iterator[None]:
+        """One HTTP attempt's bookkeeping (sync and async alike): transport failures and
+        oversized answers become typed ProviderErrors; latency and outcome are recorded."""
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            try:
+                yield
+            except ResponseTooLarge:
+                raise MalformedResponseError(f"response larger than {MAX_RESPONSE_BYTES} bytes",
+                                             provider=self.provider, operation=operation) from None
+            except httpx.TransportError as exc:
+                raise error_for_transport(exc, provider=self.provider, operation=operation) from None
+        except ProviderError as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            PROVIDER_LATENCY.labels(self.provider, operation).observe(time.perf_counter() - started)
+            PROVIDER_REQUESTS.labels(self.provider, operation, outcome).inc()
+
+    def _checked(self, response: httpx.Response, operation: str) -> httpx.Response:
+        if not response.is_success:
+            raise error_for_response(response, provider=self.provider, operation=operation)
+        return response
+
     def _json(self, response: httpx.Response, operation: str) -> dict[str, Any]:
         try:
             data = json.loads(response.content)
@@ -118,22 +145,5 @@ class ProviderClient(ProviderAnswers):
 
     def _send(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One HTTP attempt. Returns a 2xx response; raises a typed ProviderError otherwise."""
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            try:
-                response = self.http.request(method, path, **kwargs)
-            except ResponseTooLarge:
-                raise MalformedResponseError(f"response larger than {MAX_RESPONSE_BYTES} bytes",
-                                             provider=self.provider, operation=operation) from None
-            except httpx.TransportError as exc:
-                raise error_for_transport(exc, provider=self.provider, operation=operation) from None
-            if not response.is_success:
-                raise error_for_response(response, provider=self.provider, operation=operation)
-            return response
-        except ProviderError as exc:
-            outcome = type(exc).__name__
-            raise
-        finally:
-            PROVIDER_LATENCY.labels(self.provider, operation).observe(time.perf_counter() - started)
-            PROVIDER_REQUESTS.labels(self.provider, operation, outcome).inc()
+        with self._attempt(operation):
+            return self._checked(self.http.request(method, path, **kwargs), operation)

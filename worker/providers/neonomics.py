@@ -22,14 +22,13 @@ import httpx
 from httpcore._utils import is_socket_readable
 
 from worker.breaker import NEONOMICS_AISP, NEONOMICS_PISP, get_breaker
-from worker.http import MAX_RESPONSE_BYTES, REQUEST_ID_HEADER, ResponseTooLarge, make_async_client, make_client
+from worker.http import REQUEST_ID_HEADER, make_async_client, make_client
 from worker.money import AmountError, format_amount, parse_amount
-from worker.providers.base import PROVIDER_LATENCY, PROVIDER_REQUESTS, ProviderAnswers, ProviderClient
+from worker.providers.base import ProviderAnswers, ProviderClient
 from worker.providers.errors import (
     AuthenticationError,
     CircuitOpenError,
     ConsentError,
-    MalformedResponseError,
     ProviderError,
     error_for_response,
     error_for_transport,
@@ -396,31 +395,15 @@ class AsyncNeonomicsClient(NeonomicsAnswers):
 
     async def _send(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One HTTP attempt; a 2xx response or a typed ProviderError (same metrics as sync)."""
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
+        with self._attempt(operation):
+            # The least busy pool (they share the token, settings and breaker).
+            shard = min(range(len(self._shards)), key=self._inflight.__getitem__)
+            self._inflight[shard] += 1
             try:
-                # The least busy pool (they share the token, settings and breaker).
-                shard = min(range(len(self._shards)), key=self._inflight.__getitem__)
-                self._inflight[shard] += 1
-                try:
-                    response = await self._shards[shard].request(method, path, **kwargs)
-                finally:
-                    self._inflight[shard] -= 1
-            except ResponseTooLarge:
-                raise MalformedResponseError(f"response larger than {MAX_RESPONSE_BYTES} bytes",
-                                             provider=self.provider, operation=operation) from None
-            except httpx.TransportError as exc:
-                raise error_for_transport(exc, provider=self.provider, operation=operation) from None
-            if not response.is_success:
-                raise error_for_response(response, provider=self.provider, operation=operation)
-            return response
-        except ProviderError as exc:
-            outcome = type(exc).__name__
-            raise
-        finally:
-            PROVIDER_LATENCY.labels(self.provider, operation).observe(time.perf_counter() - started)
-            PROVIDER_REQUESTS.labels(self.provider, operation, outcome).inc()
+                response = await self._shards[shard].request(method, path, **kwargs)
+            finally:
+                self._inflight[shard] -= 1
+            return self._checked(response, operation)
 
     async def _authorized(self, operation: str, method: str, path: str, *, headers: dict[str, str],
                           **kwargs: Any) -> httpx.Response:
