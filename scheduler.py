@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -37,10 +36,8 @@ from psycopg.rows import dict_row
 import jobs
 from db.pool import Conn, database_url, one_row, transaction
 from worker import alerts
-from worker.logs import setup_logging
+from worker.process import start_process
 from worker.redis_client import get_redis, key
-from worker.sentry import init_sentry
-from worker.settings import load_settings
 
 log = logging.getLogger("scheduler")
 
@@ -319,27 +316,15 @@ class SchedulerService:
 
 
 def main() -> int:
-    settings = load_settings()
-    setup_logging()
-    alerts.set_process_kind("scheduler")
-    init_sentry("scheduler")
-    alerts.install_crash_alerts("scheduler")
+    run = start_process("scheduler")
     service = SchedulerService()
-    if settings.scheduler_metrics_port:
-        start_http_server(settings.scheduler_metrics_port, addr=settings.monitor_host)
-    stopped_by: list[str] = []
-
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("scheduler received %s, stopping", signal.Signals(signum).name)
-        stopped_by.append(signal.Signals(signum).name)
-        service.stop_event.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    service.stop_event = run.stop
+    if run.settings.scheduler_metrics_port:
+        start_http_server(run.settings.scheduler_metrics_port, addr=run.settings.monitor_host)
     log.info("scheduler %s started with %d schedule(s)", service.identity, len(service.schedules))
     alerts.process_started("scheduler", f"Scheduler replica started with {len(service.schedules)} schedule(s).")
     service.run()
-    alerts.process_stopping("scheduler", f"{stopped_by[0] if stopped_by else 'stop'} received; replica stopped.")
+    alerts.process_stopping("scheduler", f"{run.reason} received; replica stopped.")
     return 0
 
 

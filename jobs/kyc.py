@@ -31,13 +31,11 @@ from psycopg.types.json import Jsonb
 from db.pool import Conn, transaction
 from jobs import enqueue_internal
 from jobs.kyc_rules import (
-    _SAFE_ID as SAFE_ID,
-)
-from jobs.kyc_rules import (
     COMPLIANCE_LABELS,
     CONSUMER_GROUP,
     QUEUE,
     REPLAY_WINDOW,
+    SAFE_ID,
     Decision,
     Delivery,
     Event,

@@ -74,7 +74,7 @@ class MalformedAmlJob(KycPermanentError):
 
 # --- pure: delivery check -----------------------------------------------------------------
 
-_SAFE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+SAFE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _MS_STRING = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?")
 _EPOCH_MIN = datetime(2000, 1, 1, tzinfo=UTC)
@@ -241,7 +241,7 @@ def parse_event(raw: bytes, *, now: datetime | None = None) -> Event:
     if not _SAFE_TOKEN.fullmatch(event_type):
         raise MalformedWebhook("type has unexpected characters")
     applicant_id = data.get("applicantId")
-    if not isinstance(applicant_id, str) or not _SAFE_ID.fullmatch(applicant_id):
+    if not isinstance(applicant_id, str) or not SAFE_ID.fullmatch(applicant_id):
         raise MalformedWebhook("applicantId is missing or malformed")
     try:
         event_at = event_time(data)

@@ -243,122 +243,157 @@ def apply_decision(
 ) -> Applied | None:
     """Apply a poll decision with conditional updates; None if the row was not in the expected
     state (someone else got there first: nothing is changed)."""
-    tx_id = row["id"]
     status_code = None if code in (None, rules.NOT_FOUND) else rules.normalise_code(code)
-    common = {"id": tx_id, "code": status_code, "now": now, "reads": reads}
-    action = decision.action
+    ctx = _Poll(code, status_code, now, {"id": row["id"], "code": status_code, "now": now, "reads": reads})
+    handler = _HANDLERS.get(decision.action)
+    if handler is None:
+        raise ValueError(f"unknown action {decision.action}")
+    return handler(conn, row, decision, ctx)
 
-    if action is rules.Action.RESCHEDULE:
-        done = conn.execute(
-            """UPDATE transactions
-                  SET provider_status = COALESCE(%(code)s, provider_status),
-                      last_polled_at = CASE WHEN %(reads)s > 0 THEN %(now)s ELSE last_polled_at END,
-                      poll_count = poll_count + %(reads)s, poll_step = %(step)s,
-                      next_poll_at = %(next)s, updated_at = %(now)s
-                WHERE id = %(id)s AND status = %(status)s
-            RETURNING id""",
-            {**common, "step": decision.poll_step, "next": decision.next_poll_at, "status": row["status"]},
-        ).fetchone()
-        if done is None:
-            return None
-        assert decision.next_poll_at is not None
-        schedule_poll(conn, tx_id, decision.next_poll_at)
-        return Applied("reschedule")
 
-    if action is rules.Action.COMPLETE:
-        done = conn.execute(
-            """UPDATE transactions
-                  SET status = 'completed', provider_status = %(code)s, failure_reason = NULL,
-                      last_polled_at = %(now)s, poll_count = poll_count + %(reads)s,
-                      next_poll_at = NULL, updated_at = %(now)s
-                WHERE id = %(id)s AND status = 'processing'
-            RETURNING poll_count""",
-            common,
-        ).fetchone()
-        if done is None:
-            return None
-        notify(conn, row["user_id"], rules.NOTIFY_COMPLETED, rules.MESSAGES[rules.NOTIFY_COMPLETED])
-        audit(conn, row, "payment_completed", {"provider_status": status_code, "amount": row["amount"]})
-        return Applied("complete", "completed", (now - row["created_at"]).total_seconds(), done["poll_count"])
+@dataclass(frozen=True)
+class _Poll:
+    """What every handler of a poll decision needs besides the row and the decision."""
 
-    if action is rules.Action.FAIL:
-        reason = decision.failure_reason or rules.REASON_REJECTED
-        done = conn.execute(
-            """UPDATE transactions
-                  SET status = 'failed', failure_reason = %(reason)s,
-                      provider_status = COALESCE(%(code)s, provider_status),
-                      last_polled_at = %(now)s, poll_count = poll_count + %(reads)s,
-                      next_poll_at = NULL, updated_at = %(now)s
-                WHERE id = %(id)s AND status = 'processing'
-            RETURNING poll_count""",
-            {**common, "reason": reason},
-        ).fetchone()
-        if done is None:
-            return None
-        balance = restore_balance(conn, row, now)
-        notify(conn, row["user_id"], rules.NOTIFY_FAILED, rules.MESSAGES[reason])
-        audit(conn, row, "payment_failed", {"reason": reason, "provider_status": status_code,
-                                            "amount": row["amount"], **balance})
-        outcome = {rules.REASON_REJECTED: "rejected", rules.REASON_CANCELLED: "cancelled",
-                   rules.REASON_NOT_FOUND: "not_found"}.get(reason, "failed")
-        alert = None
-        if reason == rules.REASON_NOT_FOUND:
-            alert = ("high", "Payment unknown at the provider",
-                     f"Transaction {tx_id}: Neonomics answered 404 for its payment; marked failed "
-                     f"({rules.REASON_NOT_FOUND}), user notified, balance restored: {balance['balance_restored']}.",
-                     f"payment-not-found:{tx_id}", "payment-not-found")
-        return Applied("fail", outcome, (now - row["created_at"]).total_seconds(), done["poll_count"], alert)
+    code: str | None  # the provider's code as read (or rules.NOT_FOUND)
+    status_code: str | None  # normalised for storage
+    now: datetime
+    params: dict[str, Any]  # the statements' common parameters: id, code, now, reads
 
-    if action is rules.Action.LATE_COMPLETE:
-        done = conn.execute(
-            """UPDATE transactions
-                  SET status = 'completed', provider_status = %(code)s, failure_reason = NULL,
-                      completed_late_at = %(now)s, last_polled_at = %(now)s,
-                      poll_count = poll_count + %(reads)s, next_poll_at = NULL, updated_at = %(now)s
-                WHERE id = %(id)s AND status = 'failed' AND failure_reason = 'SCA_TIMEOUT'
-            RETURNING id""",
-            common,
-        ).fetchone()
-        if done is None:
-            return None
-        balance = redebit_balance(conn, row, now)
-        notify(conn, row["user_id"], rules.NOTIFY_COMPLETED_LATE, rules.MESSAGES[rules.NOTIFY_COMPLETED_LATE])
-        audit(conn, row, "payment_late_completion", {
-            "provider_status": status_code, "amount": row["amount"],
-            "timed_out_at": row["timed_out_at"].isoformat() if row["timed_out_at"] else None, **balance,
-        })
-        adjusted = "re-debited" if balance["balance_redebited"] else f"not changed ({balance['balance_note']})"
-        alert = ("high", "Payment completed after SCA timeout",
-                 f"Transaction {tx_id} was failed by SCA timeout, but the bank now reports {status_code}: "
-                 f"it is marked completed (money moved). Cached balance {adjusted}. The user was told to "
-                 "retry; check for a duplicate payment.",
-                 f"payment-late-completion:{tx_id}", "payment-late-completion")
-        return Applied("late_complete", "late_completion", alert=alert)
 
-    if action in (rules.Action.END_WATCH, rules.Action.END_WATCH_UNRESOLVED):
-        done = conn.execute(
-            """UPDATE transactions
-                  SET provider_status = COALESCE(%(code)s, provider_status),
-                      last_polled_at = CASE WHEN %(reads)s > 0 THEN %(now)s ELSE last_polled_at END,
-                      poll_count = poll_count + %(reads)s, next_poll_at = NULL, updated_at = %(now)s
-                WHERE id = %(id)s AND status = 'failed' AND failure_reason = 'SCA_TIMEOUT'
-            RETURNING id""",
-            common,
-        ).fetchone()
-        if done is None:
-            return None
-        unresolved = action is rules.Action.END_WATCH_UNRESOLVED
-        audit(conn, row, "payment_watch_unresolved" if unresolved else "payment_watch_ended",
-              {"provider_status": status_code, "not_found": code == rules.NOT_FOUND})
-        alert = None
-        if unresolved:
-            alert = ("warning", "Payment still pending at the bank after 24 h",
-                     f"Transaction {tx_id} was failed by SCA timeout and the bank still reports "
-                     f"{status_code or 'no status'} after the 24 h watch. Drop stopped watching it.",
-                     f"payment-watch-unresolved:{tx_id}", "payment-watch-unresolved")
-        return Applied(action.value, alert=alert)
+def _reschedule(conn: Conn, row: dict[str, Any], decision: rules.Decision, ctx: _Poll) -> Applied | None:
+    """Still pending: record the read, poll again at the next step."""
+    tx_id, common = row["id"], ctx.params
+    done = conn.execute(
+        """UPDATE transactions
+              SET provider_status = COALESCE(%(code)s, provider_status),
+                  last_polled_at = CASE WHEN %(reads)s > 0 THEN %(now)s ELSE last_polled_at END,
+                  poll_count = poll_count + %(reads)s, poll_step = %(step)s,
+                  next_poll_at = %(next)s, updated_at = %(now)s
+            WHERE id = %(id)s AND status = %(status)s
+        RETURNING id""",
+        {**common, "step": decision.poll_step, "next": decision.next_poll_at, "status": row["status"]},
+    ).fetchone()
+    if done is None:
+        return None
+    assert decision.next_poll_at is not None
+    schedule_poll(conn, tx_id, decision.next_poll_at)
+    return Applied("reschedule")
 
-    raise ValueError(f"unknown action {action}")
+
+def _complete(conn: Conn, row: dict[str, Any], decision: rules.Decision, ctx: _Poll) -> Applied | None:
+    """The bank executed the payment."""
+    common, status_code, now = ctx.params, ctx.status_code, ctx.now
+    done = conn.execute(
+        """UPDATE transactions
+              SET status = 'completed', provider_status = %(code)s, failure_reason = NULL,
+                  last_polled_at = %(now)s, poll_count = poll_count + %(reads)s,
+                  next_poll_at = NULL, updated_at = %(now)s
+            WHERE id = %(id)s AND status = 'processing'
+        RETURNING poll_count""",
+        common,
+    ).fetchone()
+    if done is None:
+        return None
+    notify(conn, row["user_id"], rules.NOTIFY_COMPLETED, rules.MESSAGES[rules.NOTIFY_COMPLETED])
+    audit(conn, row, "payment_completed", {"provider_status": status_code, "amount": row["amount"]})
+    return Applied("complete", "completed", (now - row["created_at"]).total_seconds(), done["poll_count"])
+
+
+def _fail(conn: Conn, row: dict[str, Any], decision: rules.Decision, ctx: _Poll) -> Applied | None:
+    """Rejected, cancelled or unknown at the bank: failed, the balance given back, the user told."""
+    tx_id, common, status_code, now = row["id"], ctx.params, ctx.status_code, ctx.now
+    reason = decision.failure_reason or rules.REASON_REJECTED
+    done = conn.execute(
+        """UPDATE transactions
+              SET status = 'failed', failure_reason = %(reason)s,
+                  provider_status = COALESCE(%(code)s, provider_status),
+                  last_polled_at = %(now)s, poll_count = poll_count + %(reads)s,
+                  next_poll_at = NULL, updated_at = %(now)s
+            WHERE id = %(id)s AND status = 'processing'
+        RETURNING poll_count""",
+        {**common, "reason": reason},
+    ).fetchone()
+    if done is None:
+        return None
+    balance = restore_balance(conn, row, now)
+    notify(conn, row["user_id"], rules.NOTIFY_FAILED, rules.MESSAGES[reason])
+    audit(conn, row, "payment_failed", {"reason": reason, "provider_status": status_code,
+                                        "amount": row["amount"], **balance})
+    outcome = {rules.REASON_REJECTED: "rejected", rules.REASON_CANCELLED: "cancelled",
+               rules.REASON_NOT_FOUND: "not_found"}.get(reason, "failed")
+    alert = None
+    if reason == rules.REASON_NOT_FOUND:
+        alert = ("high", "Payment unknown at the provider",
+                 f"Transaction {tx_id}: Neonomics answered 404 for its payment; marked failed "
+                 f"({rules.REASON_NOT_FOUND}), user notified, balance restored: {balance['balance_restored']}.",
+                 f"payment-not-found:{tx_id}", "payment-not-found")
+    return Applied("fail", outcome, (now - row["created_at"]).total_seconds(), done["poll_count"], alert)
+
+
+def _late_complete(conn: Conn, row: dict[str, Any], decision: rules.Decision, ctx: _Poll) -> Applied | None:
+    """A payment failed by SCA timeout that the bank completed after all."""
+    tx_id, common, status_code, now = row["id"], ctx.params, ctx.status_code, ctx.now
+    done = conn.execute(
+        """UPDATE transactions
+              SET status = 'completed', provider_status = %(code)s, failure_reason = NULL,
+                  completed_late_at = %(now)s, last_polled_at = %(now)s,
+                  poll_count = poll_count + %(reads)s, next_poll_at = NULL, updated_at = %(now)s
+            WHERE id = %(id)s AND status = 'failed' AND failure_reason = 'SCA_TIMEOUT'
+        RETURNING id""",
+        common,
+    ).fetchone()
+    if done is None:
+        return None
+    balance = redebit_balance(conn, row, now)
+    notify(conn, row["user_id"], rules.NOTIFY_COMPLETED_LATE, rules.MESSAGES[rules.NOTIFY_COMPLETED_LATE])
+    audit(conn, row, "payment_late_completion", {
+        "provider_status": status_code, "amount": row["amount"],
+        "timed_out_at": row["timed_out_at"].isoformat() if row["timed_out_at"] else None, **balance,
+    })
+    adjusted = "re-debited" if balance["balance_redebited"] else f"not changed ({balance['balance_note']})"
+    alert = ("high", "Payment completed after SCA timeout",
+             f"Transaction {tx_id} was failed by SCA timeout, but the bank now reports {status_code}: "
+             f"it is marked completed (money moved). Cached balance {adjusted}. The user was told to "
+             "retry; check for a duplicate payment.",
+             f"payment-late-completion:{tx_id}", "payment-late-completion")
+    return Applied("late_complete", "late_completion", alert=alert)
+
+
+def _end_watch(conn: Conn, row: dict[str, Any], decision: rules.Decision, ctx: _Poll) -> Applied | None:
+    """The 24 h watch of an SCA-timed-out payment ends (resolved or not)."""
+    tx_id, common, status_code, code = row["id"], ctx.params, ctx.status_code, ctx.code
+    done = conn.execute(
+        """UPDATE transactions
+              SET provider_status = COALESCE(%(code)s, provider_status),
+                  last_polled_at = CASE WHEN %(reads)s > 0 THEN %(now)s ELSE last_polled_at END,
+                  poll_count = poll_count + %(reads)s, next_poll_at = NULL, updated_at = %(now)s
+            WHERE id = %(id)s AND status = 'failed' AND failure_reason = 'SCA_TIMEOUT'
+        RETURNING id""",
+        common,
+    ).fetchone()
+    if done is None:
+        return None
+    unresolved = decision.action is rules.Action.END_WATCH_UNRESOLVED
+    audit(conn, row, "payment_watch_unresolved" if unresolved else "payment_watch_ended",
+          {"provider_status": status_code, "not_found": code == rules.NOT_FOUND})
+    alert = None
+    if unresolved:
+        alert = ("warning", "Payment still pending at the bank after 24 h",
+                 f"Transaction {tx_id} was failed by SCA timeout and the bank still reports "
+                 f"{status_code or 'no status'} after the 24 h watch. Drop stopped watching it.",
+                 f"payment-watch-unresolved:{tx_id}", "payment-watch-unresolved")
+    return Applied(decision.action.value, alert=alert)
+
+
+_HANDLERS: dict[rules.Action, Callable[[Conn, dict[str, Any], rules.Decision, _Poll], Applied | None]] = {
+    rules.Action.RESCHEDULE: _reschedule,
+    rules.Action.COMPLETE: _complete,
+    rules.Action.FAIL: _fail,
+    rules.Action.LATE_COMPLETE: _late_complete,
+    rules.Action.END_WATCH: _end_watch,
+    rules.Action.END_WATCH_UNRESOLVED: _end_watch,
+}
 
 
 def after_commit(applied: Applied | None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,10 +15,8 @@ from monitoring import rules
 from monitoring.health import run_checks
 from monitoring.metrics import REGISTRY
 from worker import alerts
-from worker.logs import setup_logging
+from worker.process import start_process
 from worker.sentry import flush as sentry_flush
-from worker.sentry import init_sentry
-from worker.settings import load_settings
 
 log = logging.getLogger("monitor")
 
@@ -108,26 +105,14 @@ def serve(host: str, port: int) -> MonitorServer:
 
 
 def main() -> int:
-    settings = load_settings()
-    setup_logging()
-    alerts.set_process_kind("monitor")
-    init_sentry("monitor")
-    alerts.install_crash_alerts("monitor")
+    run = start_process("monitor")
+    settings = run.settings
     server = serve(settings.monitor_host, settings.monitor_port)
     log.info("monitor listening on http://%s:%d (/v1/health, /metrics)", settings.monitor_host, settings.monitor_port)
-    stop = threading.Event()
-    reason: list[str] = []
-
-    def _stop(signum: int, _frame: object) -> None:
-        reason.append(signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    rules.start(stop, settings.monitor_eval_interval_s)
+    rules.start(run.stop, settings.monitor_eval_interval_s)
     alerts.process_started("monitor", f"drop-monitor is up (alert rules every {settings.monitor_eval_interval_s:g} s).")
-    stop.wait()
-    alerts.process_stopping("monitor", f"{reason[0] if reason else 'stop'} received; the monitor is shutting down.")
+    run.stop.wait()
+    alerts.process_stopping("monitor", f"{run.reason} received; the monitor is shutting down.")
     server.shutdown()
     sentry_flush()
     log.info("monitor stopped")

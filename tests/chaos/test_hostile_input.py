@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jobs
-from jobs.kyc import KycPermanentError, process_webhook
+from jobs.kyc import process_webhook
+from jobs.kyc_rules import KycPermanentError
 from tests.conftest import wait_for
 
 from . import workload

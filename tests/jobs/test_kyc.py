@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 import jobs
-from jobs.kyc import (
+from jobs.kyc import process_webhook, run_aml_check
+from jobs.kyc_rules import (
     NOTIFY_APPROVED,
     NOTIFY_REJECTED,
     NOTIFY_RESET,
@@ -29,8 +30,6 @@ from jobs.kyc import (
     MalformedWebhook,
     UnknownApplicant,
     WebhookSecretMissing,
-    process_webhook,
-    run_aml_check,
 )
 from tests.conftest import wait_for
 from tests.monitoring.conftest import Receiver, _start_receiver

@@ -72,7 +72,7 @@ def test_scheduler_never_records_a_fire_that_enqueued_nothing(db, sql):
 
 
 def test_pre_inserted_aml_key_does_not_skip_the_aml_check(db, sql, secret):  # noqa: F811
-    from jobs.kyc import parse_event
+    from jobs.kyc_rules import parse_event
 
     add_user(sql, USER, "applicant-aml")
     red = event("FINAL", applicant="applicant-aml",
