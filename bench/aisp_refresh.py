@@ -222,14 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         if worker.poll() is not None:
             raise RuntimeError(f"worker pool exited: {worker_log.read_text()[-2000:]}")
 
-        from jobs import aisp
+        from jobs import aisp, aisp_batch
 
         with psycopg.connect(db_url, autocommit=True) as conn:
             slot = aisp.clock().replace(microsecond=0)
             started = time.perf_counter()
             # The fan-out itself, timed in-process (the same function the actor runs).
             os.environ["DATABASE_URL"] = db_url
-            enqueued = aisp.fan_out(slot, spread_s=0)
+            enqueued = aisp_batch.fan_out(slot, spread_s=0)
             fanout_s = time.perf_counter() - started
             # Wake the relays (the trigger already notified; this is belt and braces).
             conn.execute("NOTIFY job_outbox")

@@ -4,7 +4,7 @@
 
 What actually happens in production, measured step by step on the real servers:
 
-1. `jobs.aisp.fan_out(slot)` — the scheduler's job: `INSERT … SELECT` into `job_outbox` in keyset
+1. `jobs.aisp_batch.fan_out(slot)` — the scheduler's job: `INSERT … SELECT` into `job_outbox` in keyset
    chunks. This is the enqueue: PostgreSQL holds the (delayed) work from here on.
 2. The relay (`worker.relay.drain`, the code the relay fork runs) moving every row to Redis, as
    if all were due at once (spread 0: the worst case; with the default one-hour spread the
@@ -55,7 +55,7 @@ def _queued(client: redis.Redis, namespace: str) -> tuple[int, int]:
 
 def run(accounts: int, sample: int) -> dict[str, Any]:
     import jobs.app
-    from jobs import aisp
+    from jobs import aisp, aisp_batch
     from worker import relay as outbox
 
     with Sandboxed("fanout") as sb:
@@ -66,7 +66,7 @@ def run(accounts: int, sample: int) -> dict[str, Any]:
 
         # 1. The fan-out itself (spread 0 so that every row is due now for step 2).
         t0 = time.perf_counter()
-        enqueued = aisp.fan_out(slot, spread_s=0)
+        enqueued = aisp_batch.fan_out(slot, spread_s=0)
         fanout_s = time.perf_counter() - t0
         rows = sb.sql("SELECT count(*) FROM job_outbox")[0][0]
         print(f"  fan-out: {enqueued} refreshes as {rows} outbox rows in {fanout_s:.1f} s", flush=True)

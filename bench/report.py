@@ -37,7 +37,7 @@ def run_quota(accounts: int = 200, slots: int = 6) -> dict[str, Any]:
     sandbox: the ledger and the sandbox must both show at most 4 unattended reads per account."""
     from bench.aisp_refresh import CREDS
     from bench.aisp_refresh import Sandbox as SandboxServer
-    from jobs import aisp
+    from jobs import aisp, aisp_batch
     from sandbox.admin import SandboxAdmin
 
     with Sandboxed("quota") as sb:
@@ -51,7 +51,7 @@ def run_quota(accounts: int = 200, slots: int = 6) -> dict[str, Any]:
             admin.reset(client_id=CREDS["NEONOMICS_CLIENT_ID"], client_secret=CREDS["NEONOMICS_CLIENT_SECRET"])
             now = aisp.clock().replace(microsecond=0)
             for k in range(slots):  # slots 5 h, 4 h, … 0 h ago: all inside one rolling 24 h
-                aisp.fan_out(now - timedelta(hours=slots - 1 - k), spread_s=0)
+                aisp_batch.fan_out(now - timedelta(hours=slots - 1 - k), spread_s=0)
             pool = sb.start_drop_pool(["aisp"], threads=16, NEONOMICS_API_URL=server.url, **CREDS)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and pool.poll() is None:

@@ -110,4 +110,4 @@ def enqueue_internal(
 
 
 # Declare every family's jobs on the registry (order does not matter).
-from jobs import aisp, housekeeping, kyc, pisp, sca  # noqa: E402, F401
+from jobs import aisp, aisp_batch, housekeeping, kyc, pisp, sca  # noqa: E402, F401

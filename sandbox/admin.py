@@ -7,7 +7,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from sandbox.server import ADMIN_TOKEN_HEADER, admin_token_file
+from sandbox.faults import ADMIN_TOKEN_HEADER
+from sandbox.server import admin_token_file
 from worker.settings import get_settings
 
 

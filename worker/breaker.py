@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -50,6 +49,7 @@ import pybreaker
 import redis
 from prometheus_client import Counter, Gauge
 
+from worker.process_local import ProcessLocal
 from worker.providers.errors import CircuitOpenError
 from worker.redis_client import get_redis, key
 from worker.retry import ATTEMPT_TIMEOUT_S, is_transient
@@ -435,8 +435,7 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
 
 # --- the process's breakers -----------------------------------------------------------------
 
-_registry_lock = threading.Lock()
-_registry: dict[tuple, SharedCircuitBreaker] = {}
+_registry: ProcessLocal[tuple[Any, ...], SharedCircuitBreaker] = ProcessLocal()
 
 
 def get_breaker(name: str) -> SharedCircuitBreaker:
@@ -444,26 +443,20 @@ def get_breaker(name: str) -> SharedCircuitBreaker:
     if name not in BREAKER_NAMES:
         raise ValueError(f"unknown breaker {name!r}; known: {', '.join(BREAKER_NAMES)}")
     settings = get_settings()
-    registry_key = (os.getpid(), settings.redis_namespace, name, settings.breaker_fail_max,
+    registry_key = (settings.redis_namespace, name, settings.breaker_fail_max,
                     settings.breaker_window_s, settings.breaker_reset_timeout_s)
-    with _registry_lock:
-        breaker = _registry.get(registry_key)
-        if breaker is None:
-            breaker = SharedCircuitBreaker(
-                name,
-                fail_max=settings.breaker_fail_max,
-                window_s=settings.breaker_window_s,
-                reset_timeout_s=settings.breaker_reset_timeout_s,
-                trial_ttl_s=settings.provider_timeout_s + 5,
-            )
-            _registry[registry_key] = breaker
-        return breaker
+    return _registry.get(registry_key, lambda: SharedCircuitBreaker(
+        name,
+        fail_max=settings.breaker_fail_max,
+        window_s=settings.breaker_window_s,
+        reset_timeout_s=settings.breaker_reset_timeout_s,
+        trial_ttl_s=settings.provider_timeout_s + 5,
+    ))
 
 
 def reset_breakers() -> None:
     """Forget this process's breaker objects (tests; after settings change). Redis state stays."""
-    with _registry_lock:
-        _registry.clear()
+    _registry.clear()
 
 
 def breaker_statuses() -> dict[str, BreakerStatus]:

@@ -6,43 +6,27 @@ namespace (`DROP_REDIS_NAMESPACE`) and never sees another's keys.
 
 from __future__ import annotations
 
-import os
-import threading
-
 import redis
 
+from worker.process_local import ProcessLocal
 from worker.settings import get_settings
 
-_lock = threading.Lock()
-_client: redis.Redis | None = None
-_client_pid: int | None = None
+_clients: ProcessLocal[str, redis.Redis] = ProcessLocal(close=lambda client: client.close())
 
 
 def get_redis() -> redis.Redis:
-    """A process-wide client (thread-safe connection pool, rebuilt after fork)."""
-    global _client, _client_pid
-    client = _client
-    if client is not None and _client_pid == os.getpid():
-        return client  # the common case, without the lock every middleware call contended on
-    with _lock:
-        if _client is None or _client_pid != os.getpid():
-            settings = get_settings()
-            if not settings.redis_url:
-                raise RuntimeError("REDIS_URL is not set (run through `drop-jobs` or `make run`)")
-            _client = redis.Redis.from_url(
-                settings.redis_url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=30
-            )
-            _client_pid = os.getpid()
-        return _client
+    """A process-wide client (thread-safe connection pool, rebuilt in a forked child)."""
+    settings = get_settings()
+    if not settings.redis_url:
+        raise RuntimeError("REDIS_URL is not set (run through `drop-jobs` or `make run`)")
+    url = settings.redis_url
+    return _clients.get(url, lambda: redis.Redis.from_url(
+        url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=30))
 
 
 def reset_redis() -> None:
     """Forget the cached client (tests, and after settings change)."""
-    global _client
-    with _lock:
-        if _client is not None:
-            _client.close()
-        _client = None
+    _clients.clear()
 
 
 def key(*parts: str) -> str:

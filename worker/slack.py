@@ -13,7 +13,6 @@ The webhook URL is a secret: it is never logged (slack_sdk's own logger is kept 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -23,6 +22,7 @@ from typing import Any
 from slack_sdk.webhook import WebhookClient
 
 from worker.metrics import ALERT_DELIVERY_FAILURES
+from worker.process_local import ProcessLocal
 from worker.settings import get_settings
 
 log = logging.getLogger("worker.slack")
@@ -185,27 +185,16 @@ def _count_failure() -> None:
 
 # --- the process's notifier -------------------------------------------------------------------
 
-_lock = threading.Lock()
-_notifier: SlackNotifier | None = None
-_notifier_pid: int | None = None
+_notifiers: ProcessLocal[str | None, SlackNotifier] = ProcessLocal(close=lambda n: n.close(timeout=0.5))
 
 
 def get_notifier() -> SlackNotifier:
-    """The process-wide notifier (rebuilt after fork: threads do not survive a fork)."""
-    global _notifier, _notifier_pid
-    with _lock:
-        if _notifier is None or _notifier_pid != os.getpid():
-            settings = get_settings()
-            url = settings.slack_webhook_url.get_secret_value() if settings.slack_webhook_url else None
-            _notifier = SlackNotifier(url, min_interval_s=settings.slack_min_interval_s)
-            _notifier_pid = os.getpid()
-        return _notifier
+    """The process-wide notifier (rebuilt in a forked child: threads do not survive a fork)."""
+    settings = get_settings()
+    url = settings.slack_webhook_url.get_secret_value() if settings.slack_webhook_url else None
+    return _notifiers.get(url, lambda: SlackNotifier(url, min_interval_s=settings.slack_min_interval_s))
 
 
 def reset_notifier() -> None:
     """Close and forget the notifier (tests; after the webhook setting changes)."""
-    global _notifier
-    with _lock:
-        notifier, _notifier = _notifier, None
-    if notifier is not None:
-        notifier.close(timeout=0.5)
+    _notifiers.clear()

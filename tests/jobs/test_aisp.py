@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import jobs
-from jobs import aisp
+from jobs import aisp, aisp_batch
 from jobs import aisp_rules as rules
 from tests.conftest import wait_for
 from worker.money import BIGINT_MAX
@@ -331,8 +331,8 @@ def test_fan_out_one_read_per_valid_consent_account_spread_by_a_stable_offset(db
     paused = add_accounts(sql, n=2, prefix="p")
     sql("UPDATE bank_accounts SET aisp_paused_until = %s WHERE id = ANY(%s)", (T0 + timedelta(hours=2), paused))
     slot = datetime(2026, 3, 2, 5, 15, tzinfo=UTC)
-    assert aisp.fan_out(slot, spread_s=3600, chunk=64) == 300
-    assert aisp.fan_out(slot, spread_s=3600, chunk=64) == 0  # idempotent per (account, slot)
+    assert aisp_batch.fan_out(slot, spread_s=3600, chunk=64) == 300
+    assert aisp_batch.fan_out(slot, spread_s=3600, chunk=64) == 0  # idempotent per (account, slot)
     rows = sql("SELECT job, payload, idempotency_key, available_at FROM job_outbox")
     due = per_account(rows)
     assert sorted(due) == sorted(valid)
@@ -350,7 +350,7 @@ def test_fan_out_one_read_per_valid_consent_account_spread_by_a_stable_offset(db
     assert len(buckets) == 6 and all(25 <= n <= 75 for n in buckets.values())
     # The next slot gives every account the same offset: its reads stay 6 h apart.
     later = slot + timedelta(hours=6)
-    aisp.fan_out(later, spread_s=3600)
+    aisp_batch.fan_out(later, spread_s=3600)
     by_slot = {}
     for r in sql("SELECT payload, available_at FROM job_outbox"):
         for acct in r["payload"]["bank_account_ids"]:
@@ -363,13 +363,13 @@ def test_fan_out_one_read_per_valid_consent_account_spread_by_a_stable_offset(db
 def test_fan_out_groups_accounts_due_in_the_same_second_up_to_the_batch_size(db, sql):
     valid = add_accounts(sql, n=250, prefix="b")
     slot = datetime(2026, 3, 2, 5, 15, tzinfo=UTC)
-    assert aisp.fan_out(slot, spread_s=0, batch_size=100) == 250  # all due at once: 100 + 100 + 50
+    assert aisp_batch.fan_out(slot, spread_s=0, batch_size=100) == 250  # all due at once: 100 + 100 + 50
     rows = sql("SELECT payload, available_at FROM job_outbox ORDER BY idempotency_key")
     assert sorted(len(r["payload"]["bank_account_ids"]) for r in rows) == [50, 100, 100]
     assert {r["available_at"] for r in rows} == {slot}
     assert sorted(per_account(rows)) == sorted(valid)
     sql("DELETE FROM job_outbox")
-    assert aisp.fan_out(slot, spread_s=60, batch_size=100) == 250  # one job per second that has accounts
+    assert aisp_batch.fan_out(slot, spread_s=60, batch_size=100) == 250  # one job per second that has accounts
     rows = sql("SELECT payload, available_at FROM job_outbox")
     assert len({r["available_at"] for r in rows}) == len(rows) <= 60
 
@@ -404,7 +404,7 @@ SLOT = datetime(2026, 3, 2, 5, 15, tzinfo=UTC)
 
 
 def refresh_many(ids, now=T0, **kw):
-    return run(aisp.refresh_many(ids, SLOT, now=now, **kw))
+    return run(aisp_batch.refresh_many(ids, SLOT, now=now, **kw))
 
 
 def test_a_batch_keeps_each_accounts_outcome_its_own_and_a_redelivery_reads_nothing_twice(db, sql, sandbox):

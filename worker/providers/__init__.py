@@ -10,10 +10,9 @@ Errors are in `worker.providers.errors`; all are TransientError or PermanentErro
 
 from __future__ import annotations
 
-import os
-import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from worker.process_local import ProcessLocal
 from worker.providers.errors import (  # noqa: F401  (the public error types)
     AccessExceededError,
     AuthenticationError,
@@ -38,8 +37,7 @@ if TYPE_CHECKING:
     from worker.providers.neonomics import NeonomicsClient
     from worker.providers.sumsub import SumsubClient
 
-_lock = threading.Lock()
-_clients: dict[tuple, object] = {}
+_clients: ProcessLocal[tuple[Any, ...], Any] = ProcessLocal(close=lambda client: client.close())
 
 
 def get_neonomics() -> NeonomicsClient:
@@ -48,15 +46,10 @@ def get_neonomics() -> NeonomicsClient:
     from worker.providers.neonomics import NeonomicsClient
     s = get_settings()
     secret = s.neonomics_client_secret.get_secret_value() if s.neonomics_client_secret else ""
-    cache_key = ("neonomics", os.getpid(), s.neonomics_api_url, s.neonomics_client_id, s.provider_timeout_s)
-    with _lock:
-        client = _clients.get(cache_key)
-        if client is None:
-            client = NeonomicsClient(
-                s.neonomics_api_url, s.neonomics_client_id or "", secret, timeout=s.provider_timeout_s
-            )
-            _clients[cache_key] = client
-        return client  # type: ignore[return-value]
+    cache_key = ("neonomics", s.neonomics_api_url, s.neonomics_client_id, s.provider_timeout_s)
+    client: NeonomicsClient = _clients.get(cache_key, lambda: NeonomicsClient(
+        s.neonomics_api_url, s.neonomics_client_id or "", secret, timeout=s.provider_timeout_s))
+    return client
 
 
 def get_sumsub() -> SumsubClient:
@@ -65,25 +58,12 @@ def get_sumsub() -> SumsubClient:
     s = get_settings()
     token = s.sumsub_app_token.get_secret_value() if s.sumsub_app_token else ""
     secret = s.sumsub_secret_key.get_secret_value().encode() if s.sumsub_secret_key else b""
-    cache_key = ("sumsub", os.getpid(), s.sumsub_api_url, s.redis_namespace, s.provider_timeout_s,
-                 s.sumsub_rate_limit_per_min)
-    with _lock:
-        client = _clients.get(cache_key)
-        if client is None:
-            client = SumsubClient(
-                s.sumsub_api_url, token, secret, timeout=s.provider_timeout_s,
-                rate_limit=s.sumsub_rate_limit_per_min,
-            )
-            _clients[cache_key] = client
-        return client  # type: ignore[return-value]
+    cache_key = ("sumsub", s.sumsub_api_url, s.redis_namespace, s.provider_timeout_s, s.sumsub_rate_limit_per_min)
+    client: SumsubClient = _clients.get(cache_key, lambda: SumsubClient(
+        s.sumsub_api_url, token, secret, timeout=s.provider_timeout_s, rate_limit=s.sumsub_rate_limit_per_min))
+    return client
 
 
 def reset_clients() -> None:
     """Close and forget the cached clients (tests; after settings change)."""
-    with _lock:
-        for client in _clients.values():
-            try:
-                client.close()  # type: ignore[attr-defined]
-            except Exception:  # noqa: S110 - closing a pool that is already gone
-                pass
-        _clients.clear()
+    _clients.clear()
