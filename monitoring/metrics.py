@@ -21,15 +21,6 @@ from prometheus_client.registry import Collector
 import jobs
 from worker import probes
 from worker.metrics import REGISTRY
-from worker.probes import (
-    breaker_statuses,
-    database_state,
-    job_errors,
-    queue_oldest_age,
-    queue_stats,
-    scheduler_leader,
-    workers_alive,
-)
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +49,8 @@ class SystemCollector(Collector):
         yield up
 
     def _redis(self) -> Iterator[Metric]:
-        stats = queue_stats(probes.queues(jobs.registry.queues()))
-        ages = queue_oldest_age([q["queue"] for q in stats])
+        stats = probes.queue_stats(probes.queues(jobs.registry.queues()))
+        ages = probes.queue_oldest_age([q["queue"] for q in stats])
         depth = _gauge("drop_queue_depth", "Messages ready in a queue", labels=["queue"])
         delayed = _gauge("drop_queue_delayed", "Delayed (retry/backoff) messages of a queue", labels=["queue"])
         dead = _gauge("drop_queue_dead", "Messages in Dramatiq's Redis dead-letter set of a queue", labels=["queue"])
@@ -71,13 +62,13 @@ class SystemCollector(Collector):
             oldest.add_metric([q["queue"]], ages.get(q["queue"], 0.0))
         yield from (depth, delayed, dead, oldest)
         yield _gauge(
-            "drop_workers_alive", "Worker consumers with a heartbeat in the last 30 s", value=workers_alive()
+            "drop_workers_alive", "Worker consumers with a heartbeat in the last 30 s", value=probes.workers_alive()
         )
         errors = _gauge("drop_job_errors_last_minute", "Job errors in the last 60 s across all workers", labels=["job"])
-        for job, n in sorted(job_errors().items()):
+        for job, n in sorted(probes.job_errors().items()):
             errors.add_metric([job], n)
         yield errors
-        leader = scheduler_leader()
+        leader = probes.scheduler_leader()
         yield _gauge(
             "drop_scheduler_leader_up",
             "1 if a scheduler leader heartbeat is fresh (< 30 s)",
@@ -98,7 +89,7 @@ class SystemCollector(Collector):
             labels=["breaker"],
         )
         pisp = 0.0
-        for name, status in sorted(breaker_statuses().items()):
+        for name, status in sorted(probes.breaker_statuses().items()):
             value = 1.0 if status.is_open else 0.0
             open_.add_metric([name], value)
             if status.is_open and status.opened_at is not None:
@@ -111,7 +102,7 @@ class SystemCollector(Collector):
         yield _gauge("pisp_circuit_open", "1 while the Neonomics PISP breaker is open (docs/monitoring.md)", value=pisp)
 
     def _postgres(self) -> Iterator[Metric]:
-        s = database_state()
+        s = probes.database_state()
         yield _gauge("drop_dead_letters", "Dead letters not yet replayed", value=sum(s["dead_letters"].values()))
         by_job = _gauge("drop_dead_letters_by_job", "Dead letters not yet replayed, per job", labels=["job"])
         for job, n in sorted(s["dead_letters"].items()):

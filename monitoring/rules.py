@@ -20,16 +20,7 @@ import jobs
 from monitoring.health import check_postgres
 from worker import probes
 from worker.alerts import Severity, active_since, forget_once, once, resolve_alert, send_alert
-from worker.probes import (
-    ERROR_WINDOW_S,
-    breaker_statuses,
-    database_state,
-    job_errors,
-    queue_oldest_age,
-    queue_stats,
-    scheduler_leader,
-    workers_alive,
-)
+from worker.probes import ERROR_WINDOW_S
 from worker.sentry import capture_alert
 from worker.settings import get_settings
 
@@ -63,7 +54,7 @@ Rule = Callable[[], Iterator[Condition]]
 
 def error_spike() -> Iterator[Condition]:
     threshold = get_settings().error_spike_threshold
-    counts = job_errors()
+    counts = probes.job_errors()
     total = sum(counts.values())
     top = ", ".join(f"{job}: {n}" for job, n in sorted(counts.items(), key=lambda kv: -kv[1])[:5])
     yield Condition(
@@ -74,7 +65,7 @@ def error_spike() -> Iterator[Condition]:
 
 
 def breakers() -> Iterator[Condition]:
-    for name, status in breaker_statuses().items():
+    for name, status in probes.breaker_statuses().items():
         key = f"breaker-open:{name}"
         message = (f"Calls to {name} fail fast: transient provider failures opened the circuit "
                    f"({status.state}). Jobs keep their cached state and retry later.")
@@ -96,19 +87,19 @@ def breakers() -> Iterator[Condition]:
 
 def redis_state() -> Iterator[Condition]:
     yield Condition(
-        "scheduler-silent", scheduler_leader() is None, Severity.CRITICAL, "Scheduler silent",
+        "scheduler-silent", probes.scheduler_leader() is None, Severity.CRITICAL, "Scheduler silent",
         "No scheduler leader heartbeat for 30 s: periodic jobs (SCA expiry, payment sweeps, AISP "
         "refresh) are not being enqueued.",
         runbook="scheduler-silent", for_s=SCHEDULER_SILENT_FOR_S,
     )
-    alive = workers_alive()
+    alive = probes.workers_alive()
     yield Condition(
         "workers-down", alive < 1, Severity.CRITICAL, "No workers alive",
         "No Dramatiq worker heartbeat in the last 30 s: jobs queue up but nothing runs them.",
         runbook="workers-down", for_s=WORKERS_DOWN_FOR_S,
     )
-    stats = queue_stats(probes.queues(jobs.registry.queues()))
-    ages = queue_oldest_age([q["queue"] for q in stats])
+    stats = probes.queue_stats(probes.queues(jobs.registry.queues()))
+    ages = probes.queue_oldest_age([q["queue"] for q in stats])
     slow = {q: a for q, a in ages.items() if a > QUEUE_LATENCY_S}
     yield Condition(
         "queue-latency", bool(slow), Severity.WARNING, "Queue latency high",
@@ -135,7 +126,7 @@ def postgres_state() -> Iterator[Condition]:
 
 
 def database() -> Iterator[Condition]:
-    s = database_state()
+    s = probes.database_state()
     dead = s["dead_letters"]
     total = sum(dead.values())
     yield Condition(

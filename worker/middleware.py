@@ -33,8 +33,9 @@ from sentry_sdk.integrations.dramatiq import SentryMiddleware
 
 from db import outbox
 from db.pool import transaction
+from worker import context
 from worker.alerts import install_crash_alerts, set_process_kind
-from worker.context import mark_outbox_done_by_id, request_id_var
+from worker.context import request_id_var
 from worker.pii import scrub_text
 from worker.probes import record_job_error
 from worker.relay import run_relay_fork
@@ -153,7 +154,7 @@ class OutboxBookkeeping(dramatiq.Middleware):
         outbox_id = message.options.get("outbox_id")
         if exception is None and outbox_id is not None and not marked_by_job:
             try:
-                mark_outbox_done_by_id(outbox_id)
+                context.mark_outbox_done_by_id(outbox_id)
             except Exception:
                 # Not fatal: the row is relayed again later and the job is idempotent.
                 log.exception("could not mark outbox row %s done", outbox_id)

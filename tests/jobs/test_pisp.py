@@ -25,6 +25,7 @@ from tests.jobs.payment_helpers import (
     tx,
 )
 from worker.breaker import NEONOMICS_PISP, get_breaker
+from worker.outcomes import RunLater
 from worker.relay import relay_once
 from worker.retry import PermanentError
 
@@ -158,9 +159,8 @@ def test_404_unknown_payment_fails_with_a_clear_reason_and_an_alert(db, sql, san
 def test_breaker_open_reschedules_after_the_open_period(db, sql, sandbox):
     p = make_payment(sql, sandbox, status="ACSC")
     get_breaker(NEONOMICS_PISP).open()
-    with pytest.raises(dramatiq.Retry) as caught:
-        poll_status.fn(transaction_id=p["id"])
-    assert 55_000 <= caught.value.delay <= 61_000  # the open period (60 s) plus jitter
+    later = poll_status(transaction_id=p["id"])
+    assert isinstance(later, RunLater) and 55_000 <= later.delay_ms <= 61_000  # the open period (60 s) + jitter
     assert tx(sql, p["id"])["status"] == "processing" and tx(sql, p["id"])["poll_count"] == 0
     assert sandbox.count("neonomics.status") == 0
 
