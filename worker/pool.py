@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from worker import alerts
 from worker.settings import load_settings
 
 # In-flight jobs get this long after SIGTERM; a provider call is bounded by 30 s.
@@ -89,18 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat = relay_heartbeat_file()
     heartbeat.unlink(missing_ok=True)
     started = time.time()
+    dramatiq_args = list(sys.argv[1:] if argv is None else argv)
     proc = subprocess.Popen(
-        dramatiq_command(list(sys.argv[1:] if argv is None else argv)),
+        dramatiq_command(dramatiq_args),
         env={**os.environ, **metrics_env(), "DROP_RELAY_HEARTBEAT_FILE": str(heartbeat)},
         start_new_session=True,
         preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
     )
-    signalled = False
+    # One start and one stop message per pool (this wrapper), not one per worker process.
+    alerts.process_started("worker", "Worker pool started (" + " ".join(dramatiq_args) + ").")
+    signalled: list[str] = []
 
     def forward(signum: int, _frame: object) -> None:
-        nonlocal signalled
         if not signalled:
-            signalled = True
+            signalled.append(signal.Signals(signum).name)
             proc.send_signal(signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -108,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while True:
             try:
-                return proc.wait(timeout=1.0)
+                code = proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
+            else:
+                reason = f"{signalled[0]} received; in-flight jobs finished" if signalled else f"exit status {code}"
+                alerts.process_stopping("worker", f"Worker pool stopped ({reason}).")
+                return code
             if not signalled and relay_silent_for(heartbeat, started) > silent_limit:
                 print(
                     f"drop-worker: the outbox relay has not beaten for {silent_limit:.0f} s; "
@@ -119,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 forward(signal.SIGTERM, None)
                 proc.wait()
+                alerts.process_stopping("worker", f"Worker pool stopped: the outbox relay was silent for "
+                                                  f"{silent_limit:.0f} s; the process manager restarts it.")
                 return RELAY_SILENT_EXIT_CODE
     finally:
         heartbeat.unlink(missing_ok=True)

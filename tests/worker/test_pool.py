@@ -67,3 +67,25 @@ def test_a_killed_wrapper_never_leaves_an_orphaned_pool(db, redis_namespace, tmp
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     assert survivors == []
+
+
+def test_one_start_and_one_stop_message_per_pool(db, redis_namespace, tmp_path, monkeypatch):
+    from tests.monitoring.conftest import Receiver, _start_receiver
+
+    receiver = Receiver()
+    receiver.server = _start_receiver(receiver)
+    try:
+        monkeypatch.setenv("SLACK_WEBHOOK_URL", f"{receiver.url}/services/T000/B000/secret-token")
+        monkeypatch.setenv("DROP_SLACK_MIN_INTERVAL_S", "0.05")
+        proc, _ = start_pool_and_wait(db, redis_namespace, tmp_path)  # 1 process: the wrapper's one message
+        started = receiver.wait(1, timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=45) == 0
+        texts = [r.json()["text"] for r in receiver.wait(2, timeout=20)]
+        assert len(started) >= 1 and "Worker started" in texts[0] and "Worker pool started" in texts[0]
+        assert "Worker shutting down" in texts[1] and "SIGTERM received" in texts[1]
+        time.sleep(0.5)  # nothing else arrives: no message per worker process
+        assert len(receiver.requests) == 2
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
