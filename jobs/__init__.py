@@ -18,9 +18,10 @@ from db.outbox import INTERNAL_PRODUCER_CTE
 from db.pool import Conn, transaction
 from jobs.registry import registry
 from worker.alerts import send_alert
+from worker.registry import InvalidPayload
 
-__all__ = ["INTERNAL_PRODUCER_CTE", "ReservedKeyError", "UnknownJobError", "enqueue", "enqueue_internal",
-           "known_jobs", "registry"]
+__all__ = ["INTERNAL_PRODUCER_CTE", "InvalidPayload", "ReservedKeyError", "UnknownJobError", "enqueue",
+           "enqueue_internal", "known_jobs", "registry"]
 
 
 class UnknownJobError(ValueError):
@@ -60,6 +61,7 @@ def enqueue(
     if not isinstance(payload, dict):
         raise TypeError("payload must be a JSON object (dict)")
     json.dumps(payload)  # fail here, not in the relay, on something JSON cannot carry
+    registry.check_payload(job, payload)  # InvalidPayload (a ValueError) naming the field
     key = idempotency_key or f"{job}:{uuid.uuid4()}"
     if key.startswith(RESERVED_KEY_PREFIX):
         raise ReservedKeyError(f"idempotency keys starting with {RESERVED_KEY_PREFIX!r} are reserved "

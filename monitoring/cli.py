@@ -80,7 +80,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         return 2
     try:
         outbox_id = jobs.enqueue(args.name, payload, idempotency_key=args.key)
-    except (jobs.UnknownJobError, jobs.ReservedKeyError) as error:
+    except (jobs.UnknownJobError, jobs.ReservedKeyError, jobs.InvalidPayload) as error:
         print(str(error), file=sys.stderr)
         return 2
     if outbox_id is None:

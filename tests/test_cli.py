@@ -26,6 +26,9 @@ def test_enqueue_and_status(db, sql, broker, capsys):
     assert "unknown job 'no.such'" in capsys.readouterr().err
     assert main(["enqueue", "housekeeping.prune", "{not json"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+    # A payload the job could never run with is refused in one line naming the field, not dead-lettered.
+    assert main(["enqueue", "aisp.refresh_account", "{}"]) == 2
+    assert capsys.readouterr().err.strip() == "aisp.refresh_account needs the field 'bank_account_id'"
 
     relay_once()
     assert main(["status", "--json"]) == 0

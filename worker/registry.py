@@ -9,9 +9,12 @@ tests' broker call. `jobs.enqueue` validates names against the registry, without
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import dramatiq
 
@@ -26,6 +29,69 @@ class Job:
     queue: str
     fn: Callable[..., Any]
     options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class InvalidPayload(ValueError):
+    """A payload that does not fit its job's parameters (names the field, never its value)."""
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Does a JSON value fit a parameter annotation? Unknown annotations accept anything."""
+    if hint is Any or hint is object:
+        return True
+    origin = get_origin(hint)
+    if origin is Union or origin is types.UnionType:
+        return any(_fits(value, h) for h in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list or hint is list:
+        return isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def check_payload(job: Job, payload: Mapping[str, Any]) -> None:
+    """Refuse, at enqueue, a payload the job could never run with: a missing required field, an
+    unknown one (unless the job takes **kwargs), or a value of the wrong JSON type."""
+    signature, hints = _shape(job.fn)
+    try:
+        signature.bind(**payload)
+    except TypeError as error:
+        missing = [n for n, p in signature.parameters.items()
+                   if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                   and n not in payload]
+        if missing:
+            raise InvalidPayload(f"{job.name} needs the field {missing[0]!r}") from None
+        takes = set(signature.parameters)
+        unknown = sorted(k for k in payload if k not in takes)
+        raise InvalidPayload(f"{job.name} has no field {unknown[0]!r}; it takes: {', '.join(sorted(takes))}"
+                             if unknown else f"{job.name}: {error}") from None
+    for name, value in payload.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise InvalidPayload(f"{job.name}: field {name!r} must be {_describe(hints[name])}, "
+                                 f"not {type(value).__name__}")
+
+
+@functools.cache
+def _shape(fn: Callable[..., Any]) -> tuple[inspect.Signature, dict[str, Any]]:
+    try:
+        hints = get_type_hints(fn)
+    except Exception:  # an annotation that cannot be resolved: names and arity are still checked
+        hints = {}
+    return inspect.signature(fn), hints
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 class JobRegistry:
@@ -52,6 +118,9 @@ class JobRegistry:
 
     def queues(self) -> list[str]:
         return sorted({job.queue for job in self._jobs.values()})
+
+    def check_payload(self, name: str, payload: Mapping[str, Any]) -> None:
+        check_payload(self._jobs[name], payload)
 
     def __contains__(self, name: object) -> bool:
         return name in self._jobs

@@ -96,8 +96,20 @@ def test_a_permanent_failure_is_dead_lettered_at_once_with_its_reason(db, sql, w
     assert outbox["done_at"] is None and outbox["error"].startswith("dead-lettered: ValueError")
 
 
-def test_a_payload_that_does_not_fit_the_job_is_dead_lettered(db, sql, worker, relay):
-    jobs.enqueue("test.flaky", {"tag": "x", "unexpected": 1})
+def test_a_payload_that_does_not_fit_the_job_is_refused_at_enqueue(db, sql):
+    with pytest.raises(jobs.InvalidPayload, match=r"test\.flaky has no field 'unexpected'"):
+        jobs.enqueue("test.flaky", {"tag": "x", "fail_times": 0, "unexpected": 1})
+    with pytest.raises(jobs.InvalidPayload, match=r"test\.flaky needs the field 'fail_times'"):
+        jobs.enqueue("test.flaky", {"tag": "x"})
+    with pytest.raises(jobs.InvalidPayload, match="field 'fail_times' must be int, not str"):
+        jobs.enqueue("test.flaky", {"tag": "x", "fail_times": "1"})
+    assert sql("SELECT count(*) AS n FROM job_outbox")[0]["n"] == 0
+
+
+def test_a_payload_inserted_past_the_check_is_dead_lettered(db, sql, worker, relay):
+    # The web tier inserts rows with SQL (docs/enqueue.md): the worker still gives a clear outcome.
+    sql("""INSERT INTO job_outbox (job, payload, idempotency_key)
+           VALUES ('test.flaky', '{"tag": "x", "unexpected": 1}', 'bad-shape-1')""")
     rows = wait_for(lambda: sql("SELECT reason FROM dead_letters"), what="dead letter")
     assert rows[0]["reason"].startswith("TypeError")
 
