@@ -64,7 +64,10 @@ class SystemCollector(Collector):
         yield _gauge(
             "drop_workers_alive", "Worker consumers with a heartbeat in the last 30 s", value=probes.workers_alive()
         )
-        errors = _gauge("drop_job_errors_last_minute", "Job errors in the last 60 s across all workers", labels=["job"])
+        # `actor_name`, as Dramatiq's own metrics: a `job` label would be renamed `exported_job` on
+        # scrape (Prometheus's target label), and every panel grouping by it would see one series.
+        errors = _gauge("drop_job_errors_last_minute", "Job errors in the last 60 s across all workers",
+                        labels=["actor_name"])
         for job, n in sorted(probes.job_errors().items()):
             errors.add_metric([job], n)
         yield errors
@@ -104,7 +107,7 @@ class SystemCollector(Collector):
     def _postgres(self) -> Iterator[Metric]:
         s = probes.database_state()
         yield _gauge("drop_dead_letters", "Dead letters not yet replayed", value=sum(s["dead_letters"].values()))
-        by_job = _gauge("drop_dead_letters_by_job", "Dead letters not yet replayed, per job", labels=["job"])
+        by_job = _gauge("drop_dead_letters_by_job", "Dead letters not yet replayed, per job", labels=["actor_name"])
         for job, n in sorted(s["dead_letters"].items()):
             by_job.add_metric([job], n)
         yield by_job

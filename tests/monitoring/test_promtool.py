@@ -111,6 +111,9 @@ scrape_configs:
                          stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prom.log", "w")),
     ]
     try:
+        from worker.probes import record_job_error
+
+        record_job_error("kyc.aml_check", "e-1")
         get_breaker("neonomics_pisp").open()
         deadline = time.monotonic() + 45
         found = None
@@ -127,6 +130,25 @@ scrape_configs:
         attachment = body["attachments"][0]
         assert attachment["title"].startswith("critical: PISP circuit breaker open")
         assert "runbook.md#circuit-breaker-open" in attachment["text"]
+
+        # What the dashboard shows, asked of the Prometheus that scraped the monitor: every panel's
+        # query is valid, and per-job series keep their job name through the scrape.
+        import json
+        import urllib.parse
+        import urllib.request
+
+        def query(expr: str) -> dict:
+            url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+
+        dashboard = json.loads((ROOT / "monitoring/grafana-dashboard.json").read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                answer = query(target["expr"])
+                assert answer["status"] == "success", (panel["title"], target["expr"], answer)
+        errors = query("sum by (actor_name) (drop_job_errors_last_minute)")["data"]["result"]
+        assert [r["metric"] for r in errors] == [{"actor_name": "kyc.aml_check"}]
     finally:
         for p in procs:
             p.terminate()
