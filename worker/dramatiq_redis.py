@@ -44,8 +44,12 @@ DISPATCH_ARGV = (
     "max_unpack_size",
 )
 HEARTBEATS = "__heartbeats__"
-# The maintenance pass leaves a heartbeat under this prefix; it is not a worker.
+# Every dispatch call leaves a heartbeat under its worker id: the maintenance pass and the relay's
+# batch enqueue use these prefixes, so they are not counted as workers ("Workers down" must see
+# a pool without consumers as down, whatever else talks to the broker).
 MAINTENANCE_ID_PREFIX = "maintenance-"
+RELAY_ID_PREFIX = "relay-"
+NOT_WORKERS = (MAINTENANCE_ID_PREFIX, RELAY_ID_PREFIX)
 
 
 def namespace(settings: Settings) -> str:
@@ -101,7 +105,7 @@ def enqueue_many(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message]) 
     now = current_millis()
     for message in prepared:
         _dispatch(broker, "enqueue", message.queue_name, message.options["redis_message_id"], message.encode(),
-                  client=pipe, timestamp=now)
+                  client=pipe, timestamp=now, worker_id=f"{RELAY_ID_PREFIX}{os.getpid()}")
     pipe.execute()
     for message in prepared:
         broker.emit_after("enqueue", message, None)
@@ -170,7 +174,7 @@ def workers_alive(client: Any, ns: str, within_ms: int = 30_000) -> int:
     """Worker consumers whose heartbeat Dramatiq saw within `within_ms` (maintenance excluded)."""
     now_ms = int(time.time() * 1000)
     members = client.zrangebyscore(f"{ns}:{HEARTBEATS}", now_ms - within_ms, "+inf")
-    return sum(1 for m in members if not (m.decode() if isinstance(m, bytes) else m).startswith(MAINTENANCE_ID_PREFIX))
+    return sum(1 for m in members if not (m.decode() if isinstance(m, bytes) else m).startswith(NOT_WORKERS))
 
 
 def drop_dead_message(client: Any, ns: str, queue: str, redis_message_id: str) -> None:

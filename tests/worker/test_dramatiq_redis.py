@@ -43,7 +43,9 @@ def test_keys_counts_and_batch_enqueue_match_a_real_broker(broker, db, redis_nam
     client = broker.client
     ns = broker.namespace
     assert ns == f"{redis_namespace}-dramatiq"
+    client.delete(f"{ns}:__heartbeats__")  # the fixture's flush left this broker's heartbeat
     dramatiq_redis.enqueue_many(broker, [probe.message(n) for n in range(5)])
+    assert dramatiq_redis.workers_alive(client, ns) == 0  # the relay's enqueue is not a worker
     assert client.llen(f"{ns}:adapter") == 5 and client.hlen(f"{ns}:adapter.msgs") == 5
     assert "adapter" in dramatiq_redis.queues_in_redis(client, ns)
     stats = {q["queue"]: q for q in dramatiq_redis.queue_stats(client, ns, ["adapter"])}

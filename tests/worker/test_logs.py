@@ -15,7 +15,7 @@ def log_fails(body: str) -> None:
 
 
 def test_dramatiq_message_arguments_are_reduced_to_ids(caplog):
-    message = log_fails.message_with_options(kwargs={"body": BODY})
+    message = jobs.app.broker.get_actor("test.log_fails").message_with_options(kwargs={"body": BODY})
     with caplog.at_level(logging.INFO):
         logging.getLogger("dramatiq.worker.WorkerThread").error("Failed to process message %s.", message)
     text = caplog.text
