@@ -18,8 +18,10 @@ install: $(STAMP)
 run: install
 	$(BIN)/drop-jobs run
 
+# Three test processes (pytest-xdist): most tests wait on real processes, servers and timeouts, so
+# they overlap well even on 2 cores. Each test has its own schema and Redis namespace.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3
 
 # The fast loop: pure rules, money, settings, digests; needs no PostgreSQL, Redis or network.
 test-unit: install

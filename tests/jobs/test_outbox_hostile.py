@@ -93,12 +93,13 @@ def test_oversized_payload_is_refused_at_the_door(db, sql):
                      ("kyc.sumsub_webhook", json.dumps({"body": body}), "huge"))
     assert sql("SELECT count(*) AS n FROM job_outbox")[0]["n"] == 0
     # At the limit, still accepted.
-    jobs.enqueue("sca.expire_timeouts", {"pad": "y" * (2 * 1024 * 1024 - 20)}, idempotency_key="at-limit")
+    # (a job that takes any field: the size is the point here)
+    jobs.enqueue("kyc.sumsub_webhook", {"pad": "y" * (2 * 1024 * 1024 - 20)}, idempotency_key="at-limit")
 
 
 def test_relay_batch_respects_its_byte_budget(db, sql, broker):
     for i in range(10):
-        jobs.enqueue("sca.expire_timeouts", {"pad": "z" * (1536 * 1024)}, idempotency_key=f"big-{i}")
+        jobs.enqueue("kyc.sumsub_webhook", {"pad": "z" * (1536 * 1024)}, idempotency_key=f"big-{i}")
     first = relay_once(byte_budget=4 * 1024 * 1024)
     assert (first.sent, first.more) == (2, True)  # 2 × 1.5 MiB fit in 4 MiB, the third would not
     assert drain() == 8
