@@ -1,10 +1,13 @@
 """Circuit breakers per provider operation, state shared by every process through Redis.
 
-Seed 000 §3.2: 3 failures within 60 s → open for 60 s → half-open lets 1 request through;
+docs/providers.md: 3 failures within 60 s → open for 60 s → half-open lets 1 request through;
 its success closes the circuit, its failure opens it for another 60 s.
 
 Built on pybreaker (its CircuitBreaker class, exclusion rules, listeners and Redis storage
-interface), with three deliberate departures, each because pybreaker 1.4 gets it wrong for a
+interface); this module is the only one that touches pybreaker's internals (`_state`,
+`_state_storage`, `_create_new_state`, the storage's `_redis`, `_namespace` and
+`_initialize_redis_state`), and tests/worker/test_breaker.py fails when an upgrade changes them.
+Three deliberate departures, each because pybreaker 1.4 gets it wrong for a
 multi-process worker pool:
 
 1. `CircuitBreaker.call()` holds the breaker's RLock for the whole wrapped call (pybreaker

@@ -105,7 +105,11 @@ def test_sigkilled_worker_messages_are_redelivered_within_30s(db, sql, broker, r
     jobs.enqueue("test.slow_effect", {"n": 1, "seconds": 4})
     first = start_worker(db, redis_namespace, tmp_path)
     wait_for(lambda: sql("SELECT relayed_at FROM job_outbox")[0]["relayed_at"], timeout=30, what="relayed")
-    time.sleep(1.5)  # the job is in flight now (it sleeps 4 s before its effect)
+    # In flight, not merely queued: CrashGuard holds the message's delivery count while it runs
+    # (and the job sleeps 4 s before its effect), so the kill below interrupts a running job.
+    client = redis.Redis.from_url(BASE_REDIS_URL)
+    wait_for(lambda: list(client.scan_iter(match=f"{redis_namespace}:deliveries:*")), timeout=30,
+             what="the job running in the first worker")
     stop(first, signal.SIGKILL)
     killed_at = time.monotonic()
     assert effects(sql) == {}

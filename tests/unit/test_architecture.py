@@ -70,3 +70,27 @@ def test_only_the_composition_root_builds_a_broker_at_import():
                     if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                         builders.append(str(path.relative_to(ROOT)))
     assert set(builders) == {"jobs/app.py"}
+
+
+def test_every_imported_package_is_a_declared_dependency():
+    import re
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].lower().replace("_", "-")
+                for d in project["dependencies"] + project["optional-dependencies"]["embedded"]}
+    own = {*PACKAGES, "scheduler"}
+    imported: set[str] = set()
+    for path in production_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in own}
+    distributions = packages_distributions()
+    undeclared = sorted(m for m in third_party
+                        if not {d.lower().replace("_", "-") for d in distributions.get(m, [m])} & declared)
+    assert undeclared == []

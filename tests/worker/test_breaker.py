@@ -331,3 +331,18 @@ def test_breaker_state_is_shared_across_two_processes(sandbox, monkeypatch):
         assert sandbox.count("neonomics.status") == 5
     finally:
         child.close()
+
+
+def test_the_pybreaker_internals_this_module_relies_on_are_there():
+    # worker.breaker subclasses pybreaker and uses these non-public names: an upgrade that
+    # renames one must fail here, not change how breakers behave across processes.
+    import inspect
+
+    import pybreaker
+
+    assert callable(pybreaker.CircuitBreaker._create_new_state)
+    init = inspect.getsource(pybreaker.CircuitBreaker.__init__)
+    assert "self._state_storage" in init and "self._state" in init
+    storage = inspect.getsource(pybreaker.CircuitRedisStorage)
+    for name in ("def _namespace", "def _initialize_redis_state", "self._redis"):
+        assert name in storage, name

@@ -194,3 +194,31 @@ def test_retry_after_is_capped(header, expected):
     from worker.providers.errors import retry_after_seconds
 
     assert retry_after_seconds(header) == expected
+
+
+def test_the_async_pool_gets_the_cheap_idle_check():
+    # worker.http replaces a private attribute of httpx's transport (its pool's network
+    # backend): an httpx/httpcore upgrade that renames it must fail here, not silently slow down.
+    import httpcore
+    import httpx
+
+    from worker.http import _ReadableCheckBackend, fast_async_transport
+
+    transport = fast_async_transport(httpx.Limits(max_connections=4))
+    pool = transport._pool
+    assert isinstance(pool, httpcore.AsyncConnectionPool)
+    assert isinstance(pool._network_backend, _ReadableCheckBackend)
+
+
+def test_the_idle_check_sees_a_closed_peer():
+    import socket
+
+    from worker.http import _socket_readable
+
+    left, right = socket.socketpair()
+    try:
+        assert _socket_readable(left) is False  # idle: nothing to read
+        right.close()
+        assert _socket_readable(left) is True  # the peer hung up: EOF is readable
+    finally:
+        left.close()

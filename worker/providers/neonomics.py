@@ -17,12 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpcore
 import httpx
-from httpcore._utils import is_socket_readable
 
 from worker.breaker import NEONOMICS_AISP, NEONOMICS_PISP, get_breaker
-from worker.http import REQUEST_ID_HEADER, make_async_client, make_client
+from worker.http import REQUEST_ID_HEADER, fast_async_transport, make_async_client, make_client
 from worker.money import AmountError, format_amount, parse_amount
 from worker.providers.base import ProviderAnswers, ProviderClient
 from worker.providers.errors import (
@@ -344,7 +342,7 @@ class AsyncNeonomicsClient(NeonomicsAnswers):
             limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard,
                                   keepalive_expiry=30)
             self._shards = [
-                make_async_client(base_url, timeout=timeout, transport=_fast_transport(limits))
+                make_async_client(base_url, timeout=timeout, transport=fast_async_transport(limits))
                 for _ in range(max(1, max_connections // per_shard))
             ]
         self._inflight = [0] * len(self._shards)
@@ -462,51 +460,6 @@ class AsyncNeonomicsClient(NeonomicsAnswers):
             breaker._outcome(None, exc)  # a failure counts as it would after a single admission
             raise
         return result  # a closed-state success changes nothing (breaker._on_success)
-
-
-class _ReadableCheckStream(httpcore.AsyncNetworkStream):
-    """An httpcore network stream whose `is_readable` check is one poll() on a socket looked up
-    once. httpcore asks it of every idle connection of a pool for each request it assigns and
-    each response it closes; anyio's stream answers by building its whole extra-attributes
-    table (a dict of lambdas) every time — ~15 % of the loop's CPU at 1000 reads/s. Everything
-    else is the anyio stream's own behaviour."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
-        self._inner = inner
-        self._sock = inner.get_extra_info("socket")
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        return _ReadableCheckStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable" and self._sock is not None:
-            return is_socket_readable(self._sock)
-        return self._inner.get_extra_info(info)
-
-
-class _ReadableCheckBackend(httpcore.AnyIOBackend):
-    async def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
-        return _ReadableCheckStream(await super().connect_tcp(*args, **kwargs))
-
-
-def _fast_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-    """httpx's transport, its httpcore pool using `_ReadableCheckBackend` (asyncio loops only:
-    it is what httpcore's auto backend picks there)."""
-    transport = httpx.AsyncHTTPTransport(limits=limits)
-    pool = getattr(transport, "_pool", None)
-    if isinstance(pool, httpcore.AsyncConnectionPool) and hasattr(pool, "_network_backend"):
-        pool._network_backend = _ReadableCheckBackend()
-    return transport
 
 
 # One async client per (process, event loop, configuration): an httpx.AsyncClient belongs to
