@@ -190,10 +190,8 @@ class ErrorCounter(dramatiq.Middleware):
                               result: object = None, exception: BaseException | None = None) -> None:
         if exception is None or isinstance(exception, Retry):
             return  # Retry is a job asking to run again later, not an error
-        actor = broker.actors.get(message.actor_name)
-        throws = message.options.get("throws") or (actor.options.get("throws") if actor else None)
-        if throws and isinstance(exception, throws):
-            return  # declared, expected failure
+        # Permanent failures count too (they are declared `throws` only to keep their logs short):
+        # a flood of them is an incident.
         try:
             record_job_error(message.actor_name, uuid.uuid4().hex)
         except Exception as error:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import dramatiq
 
 from worker.outcomes import as_actor_fn
+from worker.retry import PermanentError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -132,6 +133,9 @@ class JobRegistry:
         for job in self._jobs.values():
             if job.name not in broker.actors:
                 options: dict[str, Any] = dict(job.options)
+                # A PermanentError is an expected outcome (classified, dead-lettered with its
+                # reason): Dramatiq logs it in one line instead of a traceback, and fails it at once.
+                options["throws"] = (PermanentError, *tuple(options.get("throws") or ()))
                 dramatiq.actor(as_actor_fn(job.fn), actor_name=job.name, queue_name=job.queue,  # type: ignore[call-overload]
                                broker=broker, **options)  # Dramatiq's overloads do not cover **options
         return {name: broker.get_actor(name) for name in self._jobs}

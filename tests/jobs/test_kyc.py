@@ -322,8 +322,8 @@ def test_unknown_applicant_is_dead_lettered_once_with_a_clear_reason_and_replaya
 
     relay_once()
     dead = wait_for(lambda: sql("SELECT job, reason, retries FROM dead_letters"), what="dead letter")
-    # retries = 1: Dramatiq counts the failed attempt; nothing was rescheduled (one attempt).
-    assert dead == [{"job": "kyc.sumsub_webhook", "retries": 1,
+    # retries = 0: a permanent failure is failed at its first attempt, never retried.
+    assert dead == [{"job": "kyc.sumsub_webhook", "retries": 0,
                      "reason": "UnknownApplicant: no user has Sumsub applicant unknownapplicant01"}]
     c = counts(sql)
     assert (c["processed"], c["screening"], c["notifications"], c["audit"]) == (0, 0, 0, 0)
