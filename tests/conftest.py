@@ -190,7 +190,9 @@ def relay(db, broker):
     stop = threading.Event()
 
     def loop():
-        while not stop.is_set():
+        # The pool is the process's: never drain once the test (and its DATABASE_URL) is over,
+        # or a slow last pass would relay the next test's rows.
+        while not stop.is_set() and os.environ.get("DATABASE_URL") == db:
             try:
                 drain()
             except Exception:
@@ -201,4 +203,5 @@ def relay(db, broker):
     t.start()
     yield
     stop.set()
-    t.join(5)
+    t.join(30)
+    assert not t.is_alive(), "the test relay did not stop"

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -251,22 +252,28 @@ def relays_alive(within_s: float = RELAY_HEARTBEAT_TTL_S) -> int:
     return int(get_redis().zcount(relay_heartbeats_key(), time.time() - within_s, "+inf"))
 
 
-def run_relay(stop_after: float | None = None, *, heartbeat_file: Path | None = None) -> None:
+def run_relay(stop_after: float | None = None, *, heartbeat_file: Path | None = None,
+              stop: threading.Event | None = None) -> None:
     """Relay forever: wake on NOTIFY job_outbox, and poll every POLL_INTERVAL_S regardless.
 
     Nothing a row, PostgreSQL or Redis does ends this loop: rows that cannot be relayed are
     closed with a reason inside `relay_once`, and any other exception pauses the loop (with a
     growing back-off) and starts it again."""
     deadline = None if stop_after is None else time.monotonic() + stop_after
+    stop = stop or threading.Event()
+
+    def running() -> bool:
+        return not stop.is_set() and (deadline is None or time.monotonic() < deadline)
+
     maintenance = MaintenanceTimer(dramatiq_redis.global_broker())
     failures = 0
-    while deadline is None or time.monotonic() < deadline:
+    while running():
         beat(heartbeat_file)
         try:
             with connect(autocommit=True) as listener:
                 listener.execute("LISTEN job_outbox")
                 failures = 0
-                while deadline is None or time.monotonic() < deadline:
+                while running():
                     beat(heartbeat_file)
                     check_broker_epoch()
                     drain(heartbeat_file=heartbeat_file)
@@ -279,20 +286,19 @@ def run_relay(stop_after: float | None = None, *, heartbeat_file: Path | None = 
             failures += 1
             wait = min(2**failures, 30)
             log.warning("outbox relay paused (%s); retrying in %s s", type(error).__name__, wait)
-            _pause(wait, heartbeat_file)
+            _pause(wait, heartbeat_file, stop)
         except Exception as error:
             # A bug or an input nobody foresaw: the type only (the text may carry payload values).
             failures += 1
             wait = min(2**failures, 30)
             log.error("outbox relay pass failed (%s); retrying in %s s", type(error).__name__, wait)
-            _pause(wait, heartbeat_file)
+            _pause(wait, heartbeat_file, stop)
 
 
-def _pause(seconds: float, heartbeat_file: Path | None) -> None:
+def _pause(seconds: float, heartbeat_file: Path | None, stop: threading.Event) -> None:
     """Sleep while still beating: a relay waiting out an outage is alive, not stuck."""
     until = time.monotonic() + seconds
-    while (left := until - time.monotonic()) > 0:
-        time.sleep(min(left, POLL_INTERVAL_S))
+    while (left := until - time.monotonic()) > 0 and not stop.wait(min(left, POLL_INTERVAL_S)):
         beat(heartbeat_file)
 
 

@@ -62,12 +62,18 @@ def test_relay_loop_survives_an_unexpected_exception(db, sql, broker, monkeypatc
         return real()
 
     monkeypatch.setattr(outbox, "check_broker_epoch", flaky)
-    thread = threading.Thread(target=run_relay, kwargs={"stop_after": 20}, daemon=True)
+    stop = threading.Event()
+    thread = threading.Thread(target=run_relay, kwargs={"stop_after": 20, "stop": stop}, daemon=True)
     thread.start()
-    jobs.enqueue("sca.expire_timeouts", {}, idempotency_key="after-the-bug")
-    wait_for(lambda: sql("SELECT relayed_at FROM job_outbox")[0]["relayed_at"], timeout=15,
-             what="the relay to come back after an unexpected exception")
-    assert thread.is_alive() and len(calls) >= 2
+    try:
+        jobs.enqueue("sca.expire_timeouts", {}, idempotency_key="after-the-bug")
+        wait_for(lambda: sql("SELECT relayed_at FROM job_outbox")[0]["relayed_at"], timeout=15,
+                 what="the relay to come back after an unexpected exception")
+        assert thread.is_alive() and len(calls) >= 2
+    finally:
+        stop.set()  # it must not outlive the test: it would relay the next test's rows
+        thread.join(10)
+    assert not thread.is_alive()
 
 
 def test_a_dead_relay_fork_takes_its_pool_down_for_a_restart(db, redis_namespace, tmp_path, monkeypatch):
