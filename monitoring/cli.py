@@ -16,8 +16,11 @@ import os
 import socket
 import sys
 import threading
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import honcho.manager
 import psycopg
@@ -34,7 +37,8 @@ from worker import dlq
 from worker.embedded import EmbeddedUnavailable, ensure_services
 from worker.logs import setup_logging
 from worker.pii import scrub_text
-from worker.probes import breaker_states, queue_stats, queues, scheduler_leader
+from worker.probes import breaker_states, queue_stats, queues, scheduler_leader, workers_alive
+from worker.relay import relays_alive
 from worker.settings import ConfigurationError, Settings, get_settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,14 +111,38 @@ def collect_status() -> dict[str, Any]:
         ).fetchall()
 
     status["scheduler_leader"] = scheduler_leader()
+    status["workers"] = {"consumers": workers_alive(), "relays": relays_alive()}
     return status
 
 
+OSLO = ZoneInfo("Europe/Oslo")
+
+
+def _oslo(when: datetime) -> str:
+    """Times on screen are Oslo's (the schedules' zone), to the second."""
+    return when.astimezone(OSLO).isoformat(timespec="seconds")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if not args.watch:
+        return _print_status(args)
+    try:
+        while True:
+            print("\033[2J\033[H", end="")  # clear the terminal, cursor home
+            print(f"drop-jobs status  {_oslo(datetime.now(OSLO))}  (every {args.watch:g} s, Ctrl-C to stop)\n")
+            _print_status(args)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print_status(args: argparse.Namespace) -> int:
     status = collect_status()
     if args.json:
         print(json.dumps(status, default=str, indent=2))
         return 0
+    w = status["workers"]
+    print(f"WORKERS  consumers alive {w['consumers']}  outbox relays alive {w['relays']}\n")
     q = status["queues"]
     print("QUEUES")
     print(
@@ -132,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if dl:
         print(
             _table(
-                [[r["job"], r["count"], r["newest"].isoformat(timespec="seconds")] for r in dl],
+                [[r["job"], r["count"], _oslo(r["newest"])] for r in dl],
                 ["job", "count", "newest"],
             )
         )
@@ -145,7 +173,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             _table(
                 [
-                    [r["job"], r["slot"].isoformat(timespec="seconds"), r["status"], _fmt_age(float(r["age_s"]))]
+                    [r["job"], _oslo(r["slot"]), r["status"], _fmt_age(float(r["age_s"]))]
                     for r in status["scheduler"]
                 ],
                 ["job", "last slot", "status", "ago"],
@@ -349,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.set_defaults(func=cmd_enqueue)
 
     status = sub.add_parser("status", help="queues, dead letters, breakers, scheduler at a glance")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="the same, as JSON")
+    status.add_argument("--watch", type=float, metavar="SECONDS", default=0,
+                        help="redraw every SECONDS seconds until Ctrl-C (e.g. --watch 2)")
     status.set_defaults(func=cmd_status)
 
     dlq = sub.add_parser("dlq", help="dead letters: list, show, replay, purge")

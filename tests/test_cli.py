@@ -40,6 +40,9 @@ def test_enqueue_and_status(db, sql, broker, capsys):
     text = capsys.readouterr().out
     for heading in ("QUEUES", "OUTBOX", "DEAD LETTERS", "BREAKERS", "SCHEDULER"):
         assert heading in text
+    # Workers first (this test's broker heartbeats from its flush; no relay loop runs here).
+    assert text.splitlines()[0].startswith("WORKERS  consumers alive ")
+    assert text.splitlines()[0].endswith("outbox relays alive 0") and status["workers"]["relays"] == 0
 
 
 def test_dlq_list_show_replay_purge(db, sql, worker, relay, capsys):
