@@ -105,10 +105,12 @@ def test_unreachable_servers_are_one_line_each_not_tracebacks(db):
     import subprocess
     import sys
     from pathlib import Path
+    from urllib.parse import urlsplit, urlunsplit
 
     from tests.conftest import BASE_DATABASE_URL
 
-    wrong_db = BASE_DATABASE_URL.rsplit("/", 1)[0] + "/no_such_database"
+    # The path is the database name in any URL form (the embedded server's names a socket in its query).
+    wrong_db = urlunsplit(urlsplit(BASE_DATABASE_URL)._replace(path="/no_such_database"))
     env = {**os.environ, "DATABASE_URL": wrong_db, "REDIS_URL": "redis://127.0.0.1:1/0"}
     proc = subprocess.run([sys.executable, "-m", "monitoring.cli", "status"], capture_output=True, text=True,
                           timeout=60, env=env, cwd=Path(__file__).resolve().parents[1])
