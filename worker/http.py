@@ -126,6 +126,13 @@ def _headers(extra: Mapping[str, str] | None) -> dict[str, str]:
     return {"User-Agent": USER_AGENT, "Accept": "application/json", **(extra or {})}
 
 
+def _client_options(base_url: str, timeout: float, headers: Mapping[str, str] | None,
+                    hooks: dict[str, list[Any]], transport: Any) -> dict[str, Any]:
+    """What the sync and the async client share: base URL, timeouts, limits, headers, hooks."""
+    return {"base_url": base_url.rstrip("/"), "timeout": make_timeout(timeout), "limits": DEFAULT_LIMITS,
+            "headers": _headers(headers), "event_hooks": hooks, "transport": transport, "follow_redirects": False}
+
+
 def make_client(
     base_url: str,
     *,
@@ -136,15 +143,8 @@ def make_client(
 ) -> httpx.Client:
     """A pooled sync client for `base_url` that stamps X-Request-ID on every request."""
     on_request, on_response, _, _ = _bounded_hooks(timeout, max_response_bytes)
-    return httpx.Client(
-        base_url=base_url.rstrip("/"),
-        timeout=make_timeout(timeout),
-        limits=DEFAULT_LIMITS,
-        headers=_headers(headers),
-        event_hooks={"request": [_stamp_request_id, on_request], "response": [on_response]},
-        transport=transport,
-        follow_redirects=False,
-    )
+    hooks = {"request": [_stamp_request_id, on_request], "response": [on_response]}
+    return httpx.Client(**_client_options(base_url, timeout, headers, hooks, transport))
 
 
 def make_async_client(
@@ -157,15 +157,8 @@ def make_async_client(
 ) -> httpx.AsyncClient:
     """The async twin of `make_client` (for AsyncIO actors); same defaults, same header."""
     _, _, on_request, on_response = _bounded_hooks(timeout, max_response_bytes)
-    return httpx.AsyncClient(
-        base_url=base_url.rstrip("/"),
-        timeout=make_timeout(timeout),
-        limits=DEFAULT_LIMITS,
-        headers=_headers(headers),
-        event_hooks={"request": [_stamp_request_id_async, on_request], "response": [on_response]},
-        transport=transport,
-        follow_redirects=False,
-    )
+    hooks = {"request": [_stamp_request_id_async, on_request], "response": [on_response]}
+    return httpx.AsyncClient(**_client_options(base_url, timeout, headers, hooks, transport))
 
 
 # --- a cheaper idle-connection check for the async provider clients ---------------------------
