@@ -19,6 +19,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import dramatiq
 
 from worker.outcomes import as_actor_fn
+from worker.pii import scrub_text
 from worker.retry import PermanentError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,7 +75,8 @@ def check_payload(job: Job, payload: Mapping[str, Any]) -> None:
             raise InvalidPayload(f"{job.name} needs the field {missing[0]!r}") from None
         takes = set(signature.parameters)
         unknown = sorted(k for k in payload if k not in takes)
-        raise InvalidPayload(f"{job.name} has no field {unknown[0]!r}; it takes: {', '.join(sorted(takes))}"
+        field_name = scrub_text(unknown[0])[:64] if unknown else ""  # a caller's key, echoed back scrubbed
+        raise InvalidPayload(f"{job.name} has no field {field_name!r}; it takes: {', '.join(sorted(takes))}"
                              if unknown else f"{job.name}: {error}") from None
     for name, value in payload.items():
         if name in hints and not _fits(value, hints[name]):
