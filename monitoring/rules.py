@@ -30,6 +30,9 @@ BREAKER_LONG_OPEN_S = 300  # open > 5 min → Sentry HIGH (docs/monitoring.md)
 SCHEDULER_SILENT_FOR_S = 60
 WORKERS_DOWN_FOR_S = 60
 OUTBOX_STUCK_AGE_S = 300
+# After a restart the relay finds rows that waited while nothing ran (older than the age above)
+# and drains them in seconds: the backlog must stay that old this long before on-call is woken.
+OUTBOX_STUCK_FOR_S = 60
 QUEUE_LATENCY_S = 300
 KYC_MIN_RATE = 0.7
 KYC_MIN_REVIEWS = 10  # below this an hour's rate is noise
@@ -139,7 +142,7 @@ def database() -> Iterator[Condition]:
         "outbox-stuck", s["outbox_oldest_age_s"] > OUTBOX_STUCK_AGE_S, Severity.HIGH, "Outbox stuck",
         f"{s['outbox_backlog']} outbox row(s) due; the oldest has waited {int(s['outbox_oldest_age_s'])} s "
         "for the relay/worker.",
-        runbook="outbox-stuck",
+        runbook="outbox-stuck", for_s=OUTBOX_STUCK_FOR_S,
     )
     reviewed = s["kyc_reviewed"]
     rate = s["kyc_approved"] / reviewed if reviewed else 1.0
