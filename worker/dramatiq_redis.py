@@ -122,14 +122,14 @@ def run_maintenance(broker: dramatiq.Broker) -> None:
         _dispatch(broker, "qsize", queue, worker_id=f"{MAINTENANCE_ID_PREFIX}{os.getpid()}", do_maintenance=1)
 
 
-def queues_in_redis(client: Any, ns: str, declared: Iterable[str] = ()) -> list[str]:
-    """`declared` and every queue with a message hash in Redis (any producer's), sorted."""
-    found = set(declared)
-    for name in client.scan_iter(match=f"{ns}:*.msgs", count=1000):
-        queue = (name.decode() if isinstance(name, bytes) else name)[len(ns) + 1:].removesuffix(".msgs")
-        if not queue.startswith("__") and not queue.endswith((".DQ", ".XQ")):
-            found.add(queue)
-    return sorted(q for q in found if not q.endswith(".DQ"))
+def declared_queues(names: Iterable[str] = ()) -> list[str]:
+    """`names` (the job registry's queues) and those of this process's broker, if it has one.
+    No SCAN of the keyspace: the monitor asks every 10 s, and Redis may hold millions of keys."""
+    found = set(names)
+    broker = dramatiq.broker.global_broker
+    if broker is not None:
+        found |= set(broker.get_declared_queues())
+    return sorted(q for q in found if not q.endswith((".DQ", ".XQ")))
 
 
 def queue_stats(client: Any, ns: str, queues: Sequence[str]) -> list[dict[str, Any]]:

@@ -18,9 +18,8 @@ def _dramatiq() -> tuple[Any, str]:
 
 
 def queues(declared: Iterable[str] = ()) -> list[str]:
-    """The declared queues and any other queue that holds messages in Redis."""
-    client, ns = _dramatiq()
-    return dramatiq_redis.queues_in_redis(client, ns, declared)
+    """The job registry's queues (`declared`) and those of this process's broker, if any."""
+    return dramatiq_redis.declared_queues(declared)
 
 
 def queue_stats(names: Iterable[str]) -> list[dict[str, Any]]:

@@ -47,7 +47,7 @@ def test_keys_counts_and_batch_enqueue_match_a_real_broker(broker, db, redis_nam
     dramatiq_redis.enqueue_many(broker, [probe.message(n) for n in range(5)])
     assert dramatiq_redis.workers_alive(client, ns) == 0  # the relay's enqueue is not a worker
     assert client.llen(f"{ns}:adapter") == 5 and client.hlen(f"{ns}:adapter.msgs") == 5
-    assert "adapter" in dramatiq_redis.queues_in_redis(client, ns)
+    assert "adapter" in dramatiq_redis.declared_queues()  # declared on this process's broker
     stats = {q["queue"]: q for q in dramatiq_redis.queue_stats(client, ns, ["adapter"])}
     assert stats["adapter"]["ready"] == 5 and stats["adapter"]["delayed"] == 0
     assert dramatiq_redis.queue_oldest_age(client, ns, ["adapter"])["adapter"] >= 0.0
