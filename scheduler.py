@@ -30,7 +30,14 @@ from zoneinfo import ZoneInfo
 import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Gauge,
+    start_http_server,
+)
 from psycopg.rows import dict_row
 
 import jobs
@@ -83,9 +90,16 @@ SCHEDULES: tuple[Schedule, ...] = (
     ),
 )
 
-FIRE_AGE = Gauge("drop_scheduler_last_fire_timestamp_seconds", "Unix time of the last slot fired, per job", ["job"])
-IS_LEADER = Gauge("drop_scheduler_is_leader", "1 if this scheduler replica is the leader")
-HEARTBEAT = Gauge("drop_scheduler_heartbeat_timestamp_seconds", "Unix time of this replica's last loop")
+# The scheduler's metrics port serves only its own families: importing `jobs` registers the job
+# modules' metrics on prometheus_client's default registry, and those belong to the workers.
+REGISTRY = CollectorRegistry()
+for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+    REGISTRY.register(_collector)
+FIRE_AGE = Gauge("drop_scheduler_last_fire_timestamp_seconds", "Unix time of the last slot fired, per job", ["job"],
+                 registry=REGISTRY)
+IS_LEADER = Gauge("drop_scheduler_is_leader", "1 if this scheduler replica is the leader", registry=REGISTRY)
+HEARTBEAT = Gauge("drop_scheduler_heartbeat_timestamp_seconds", "Unix time of this replica's last loop",
+                  registry=REGISTRY)
 
 
 # --- pure slot arithmetic ------------------------------------------------------------------
@@ -320,7 +334,7 @@ def main() -> int:
     service = SchedulerService()
     service.stop_event = run.stop
     if run.settings.scheduler_metrics_port:
-        start_http_server(run.settings.scheduler_metrics_port, addr=run.settings.monitor_host)
+        start_http_server(run.settings.scheduler_metrics_port, addr=run.settings.monitor_host, registry=REGISTRY)
     log.info("scheduler %s started with %d schedule(s)", service.identity, len(service.schedules))
     alerts.process_started("scheduler", f"Scheduler replica started with {len(service.schedules)} schedule(s).")
     service.run()

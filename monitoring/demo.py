@@ -32,19 +32,32 @@ DEMO_USERS = [
 ]
 
 
-def _sandbox():
-    """The sandbox admin client when the provider URL points at a running sandbox, else None."""
+class ForeignSandbox(Exception):
+    """The sandbox on the configured port belongs to another instance (another `make run`)."""
 
 
-    url = get_settings().neonomics_api_url.rstrip("/")
+def _sandbox() -> tuple[SandboxAdmin | None, str]:
+    """The sandbox admin client when the provider URL points at this instance's running
+    sandbox, else None. A sandbox that refuses this instance's admin token, or that writes into
+    another database, is another instance's: driving it would put this demo's webhooks and dead
+    letters into that instance's database (issue 18), so ForeignSandbox is raised instead."""
+
+    settings = get_settings()
+    url = settings.neonomics_api_url.rstrip("/")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
+        admin = SandboxAdmin(url)
         try:
-            admin = SandboxAdmin(url)
             if admin.health():
+                if not admin.writes_into(settings.database_url or ""):
+                    raise ForeignSandbox(f"the sandbox at {url} writes into another database")
                 return admin, url
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code in (401, 403):
+                raise ForeignSandbox(f"the sandbox at {url} refuses this instance's admin token") from None
         except (httpx.HTTPError, ValueError):
             pass
+        admin.close()
         time.sleep(0.5)
     return None, url
 
@@ -106,7 +119,12 @@ def start(run_id: str) -> dict:
     """Kick off the demo's work; return what to watch."""
 
     seed(run_id)
-    admin, url = _sandbox()
+    try:
+        admin, url = _sandbox()
+    except ForeignSandbox as foreign:
+        print(f"demo: {foreign} (another `make run`?); not driving it. Stop the other instance or give this "
+              "one its own ports (DROP_SANDBOX_PORT)", flush=True)
+        return {"sandbox": False, "transactions": []}
     if admin is None:
         print(f"demo: no provider sandbox at {url}; only housekeeping is demonstrated", flush=True)
         jobs.enqueue("housekeeping.prune", {}, idempotency_key=f"demo:{run_id}:prune")

@@ -9,6 +9,7 @@ import httpx
 
 from sandbox.faults import ADMIN_TOKEN_HEADER
 from sandbox.server import admin_token_file
+from sandbox.state import database_fingerprint
 from worker.settings import get_settings
 
 
@@ -42,6 +43,10 @@ class SandboxAdmin:
     # state and configuration
     def health(self) -> bool:
         return bool(self._call("GET", "/health").get("ok"))
+
+    def writes_into(self, database_url: str) -> bool:
+        """Whether this sandbox sends its webhooks into the database at `database_url`."""
+        return self._call("GET", "/health").get("database") == database_fingerprint(database_url)
 
     def reset(self, **config: Any) -> None:
         self._call("POST", "/reset", config)

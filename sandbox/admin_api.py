@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from sandbox.neonomics import account_of, scripted_status
-from sandbox.state import Config, Fault, state_of
+from sandbox.state import Config, Fault, database_fingerprint, state_of
 from sandbox.sumsub import applicant_view, decide, emit_event, emit_webhook, new_applicant, review_later
 
 # --- admin API ---------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def _config_fields(data: dict[str, Any]) -> dict[str, Any]:
 
 
 async def admin_health(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
+    return web.json_response({"ok": True, "database": database_fingerprint(state_of(request).config.database_url)})
 
 
 async def admin_reset(request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import fnmatch
+import hashlib
 import random
 import re
 import secrets
@@ -126,6 +127,12 @@ def sumsub_error(status: int, description: str, error_name: str | None = None) -
 
 
 STATE_KEY = web.AppKey("state", State)
+
+
+def database_fingerprint(database_url: str | None) -> str:
+    """Which database a sandbox writes its webhooks into, without showing the URL: a client
+    compares it with its own (a second `make run` must not drive the first one's sandbox)."""
+    return hashlib.sha256((database_url or "").encode()).hexdigest()[:16]
 
 
 def state_of(request: web.Request) -> State:

@@ -15,12 +15,12 @@ from tests.conftest import BASE_REDIS_URL, wait_for
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_scheduler(db_url: str, namespace: str, log: Path) -> subprocess.Popen:
+def start_scheduler(db_url: str, namespace: str, log: Path, metrics_port: int = 0) -> subprocess.Popen:
     env = {
         **os.environ,
         "DATABASE_URL": db_url,
         "DROP_REDIS_NAMESPACE": namespace,
-        "DROP_SCHEDULER_METRICS_PORT": "0",
+        "DROP_SCHEDULER_METRICS_PORT": str(metrics_port),
         "PYTHONPATH": str(ROOT),
     }
     return subprocess.Popen(
@@ -64,3 +64,37 @@ def test_standby_takes_over_after_the_leader_is_killed(db, sql, redis_namespace,
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_the_scheduler_exports_only_its_own_metric_families_and_logs_no_apscheduler_chatter(
+        db, sql, redis_namespace, tmp_path):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.monitoring.conftest import free_port
+
+    port = free_port()
+    proc = start_scheduler(db, redis_namespace, tmp_path / "s.log", metrics_port=port)
+    try:
+        def scrape() -> set[str] | None:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                return None
+            names = {f.name for f in text_string_to_metric_families(text)}
+            return names if "drop_scheduler_is_leader" in names else None
+
+        families = wait_for(scrape, timeout=30, what="the scheduler's metrics")
+        wait_for(lambda: b"is now the scheduler leader" in (tmp_path / "s.log").read_bytes(), timeout=30,
+                 what="leadership")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    own = {name for name in families if not name.startswith(("process_", "python_"))}
+    # worker families (job metrics, the PISP breaker gauge) are the workers' to export
+    assert own == {"drop_scheduler_is_leader", "drop_scheduler_heartbeat_timestamp_seconds",
+                   "drop_scheduler_last_fire_timestamp_seconds"}, own
+    assert "process_resident_memory_bytes" in families
+    log = (tmp_path / "s.log").read_text()
+    assert "apscheduler" not in log, log

@@ -88,9 +88,25 @@ class JsonFormatter(ScrubbingFormatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time: Dramatiq's worker and fork processes
+    point it at their logging pipe after they were forked with this handler installed."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def setup_logging(level: str | None = None) -> None:
     settings = get_settings()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     if settings.drop_env == "development":
         handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     else:
@@ -98,5 +114,7 @@ def setup_logging(level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level or settings.log_level)
-    for noisy in ("httpx", "httpcore", "apscheduler.executors.default", "pgserver"):
+    # apscheduler: "Adding job tentatively", "Added job … to job store", "Scheduler started" on
+    # every start; the scheduler logs its own start, leadership and fires.
+    for noisy in ("httpx", "httpcore", "apscheduler", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

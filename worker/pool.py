@@ -10,6 +10,7 @@ signal, so in-flight jobs finish (or are requeued) within the shutdown timeout.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -19,7 +20,10 @@ import time
 from pathlib import Path
 
 from worker import alerts
+from worker.logs import setup_logging
 from worker.settings import load_settings
+
+log = logging.getLogger("worker.pool")
 
 # In-flight jobs get this long after SIGTERM; a provider call is bounded by 30 s.
 SHUTDOWN_TIMEOUT_MS = 30_000
@@ -29,7 +33,7 @@ def dramatiq_command(extra: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "dramatiq",
+        "worker.dramatiq_cli",  # `dramatiq` with the project's log format and level
         "jobs.app",
         "--worker-shutdown-timeout",
         str(SHUTDOWN_TIMEOUT_MS),
@@ -86,6 +90,7 @@ def relay_silent_for(heartbeat: Path, started: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     silent_limit = load_settings().relay_silent_limit_s
     heartbeat = relay_heartbeat_file()
     heartbeat.unlink(missing_ok=True)
@@ -119,11 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 alerts.process_stopping("worker", f"Worker pool stopped ({reason}).")
                 return code
             if not signalled and relay_silent_for(heartbeat, started) > silent_limit:
-                print(
-                    f"drop-worker: the outbox relay has not beaten for {silent_limit:.0f} s; "
-                    "stopping the pool so the process manager restarts it",
-                    file=sys.stderr, flush=True,
-                )
+                log.error("the outbox relay has not beaten for %.0f s; stopping the pool so the process "
+                          "manager restarts it", silent_limit)
                 forward(signal.SIGTERM, None)
                 proc.wait()
                 alerts.process_stopping("worker", f"Worker pool stopped: the outbox relay was silent for "

@@ -14,7 +14,7 @@ from tests.conftest import wait_for
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_pool(db_url: str, namespace: str, tmp_path: Path) -> subprocess.Popen:
+def start_pool(db_url: str, namespace: str, tmp_path: Path, **extra_env: str) -> subprocess.Popen:
     env = {
         **os.environ,
         "DATABASE_URL": db_url,
@@ -22,6 +22,7 @@ def start_pool(db_url: str, namespace: str, tmp_path: Path) -> subprocess.Popen:
         "DROP_DATA_DIR": str(tmp_path),
         "DROP_WORKER_METRICS_PORT": "0",
         "PYTHONPATH": str(ROOT),
+        **extra_env,
     }
     return subprocess.Popen(
         [sys.executable, "-m", "worker.pool", "--processes", "1", "--threads", "2"],
@@ -37,9 +38,10 @@ def dramatiq_tree(wrapper: psutil.Process) -> list[psutil.Process]:
     return [p for p in wrapper.children(recursive=True) if "dramatiq" in " ".join(p.cmdline())]
 
 
-def start_pool_and_wait(db_url: str, namespace: str, tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+def start_pool_and_wait(db_url: str, namespace: str, tmp_path: Path,
+                        **extra_env: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
     """Start the pool and wait until the Dramatiq master, its worker and its forks are up."""
-    proc = start_pool(db_url, namespace, tmp_path)
+    proc = start_pool(db_url, namespace, tmp_path, **extra_env)
     wrapper = psutil.Process(proc.pid)
     tree = wait_for(
         lambda: len(dramatiq_tree(wrapper)) >= 3 and dramatiq_tree(wrapper),
@@ -89,3 +91,33 @@ def test_one_start_and_one_stop_message_per_pool(db, redis_namespace, tmp_path, 
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()
+
+
+def _stopped_pool_log(db, redis_namespace, tmp_path, **extra_env: str) -> list[str]:
+    proc, _ = start_pool_and_wait(db, redis_namespace, tmp_path, **extra_env)
+    wait_for(lambda: b"outbox relay started" in (tmp_path / "pool.log").read_bytes()
+             or extra_env.get("DROP_LOG_LEVEL") == "WARNING", timeout=30, what="the relay's first line")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=45) == 0
+    return [line for line in (tmp_path / "pool.log").read_text().splitlines() if line.strip()]
+
+
+def test_every_process_of_the_pool_logs_one_json_format_outside_development(db, redis_namespace, tmp_path):
+    import json
+
+    lines = _stopped_pool_log(db, redis_namespace, tmp_path, DROP_ENV="staging")
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON log line: {line[:200]}") from None
+    loggers = {e["logger"] for e in entries}
+    # Dramatiq's master, its worker process and its forks, and the project's own relay
+    assert {"dramatiq.MainProcess", "dramatiq.WorkerProcess(0)", "worker.relay"} <= loggers, loggers
+    assert all({"ts", "level", "logger", "msg"} <= e.keys() for e in entries)
+
+
+def test_the_pool_honours_the_log_level(db, redis_namespace, tmp_path):
+    lines = _stopped_pool_log(db, redis_namespace, tmp_path, DROP_LOG_LEVEL="WARNING")
+    assert not [line for line in lines if " INFO " in line or "[INFO]" in line], lines[:5]
