@@ -23,9 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
 
 import psycopg
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -42,53 +40,17 @@ from psycopg.rows import dict_row
 
 import jobs
 from db.pool import Conn, database_url, one_row, transaction
+from jobs.schedules import OSLO, SCHEDULES, Schedule
 from worker import alerts
 from worker.process import start_process
 from worker.redis_client import get_redis, key
 
 log = logging.getLogger("scheduler")
 
-OSLO = ZoneInfo("Europe/Oslo")
 LEASE_CHECK_INTERVAL_S = 5.0
 HEARTBEAT_TTL_S = 30
 MAX_MISSED_RECORDED = 100  # per schedule and catch-up pass: a long outage is summarised, not listed
 
-
-@dataclass(frozen=True)
-class Schedule:
-    job: str
-    trigger: CronTrigger
-    grace: timedelta
-    why: str
-
-
-# All periodic work, in one readable place (times are Europe/Oslo wall-clock).
-SCHEDULES: tuple[Schedule, ...] = (
-    Schedule(
-        "aisp.refresh_all",
-        CronTrigger(hour="0,6,12,18", minute=15, timezone=OSLO),
-        timedelta(hours=1),
-        "unattended balance refresh, 4 slots a day ~6 h apart (PSD2: at most 4 reads/24 h)",
-    ),
-    Schedule(
-        "sca.expire_timeouts",
-        CronTrigger(minute="*", timezone=OSLO),
-        timedelta(seconds=55),
-        "fail payments past their SCA deadline; the next minute covers a missed one",
-    ),
-    Schedule(
-        "pisp.sweep",
-        CronTrigger(minute="*", timezone=OSLO),
-        timedelta(seconds=55),
-        "re-derive due payment polls from PostgreSQL (survives lost messages)",
-    ),
-    Schedule(
-        "housekeeping.prune",
-        CronTrigger(hour=3, minute=30, timezone=OSLO),
-        timedelta(hours=6),
-        "prune processed_events past the dedup window, done outbox rows, handled dead letters",
-    ),
-)
 
 # The scheduler's metrics port serves only its own families: importing `jobs` registers the job
 # modules' metrics on prometheus_client's default registry, and those belong to the workers.

@@ -136,7 +136,7 @@ def record_dead_letter(conn: Conn, *, message_id: str, job: str, queue: str, mes
     )
     if outbox_id is not None:
         conn.execute("UPDATE job_outbox SET error = %s WHERE id = %s AND done_at IS NULL",
-                     (f"dead-lettered: {reason}", outbox_id))
+                     (f"{DEAD_LETTERED}{reason}", outbox_id))
 
 
 def _open_filter(ids: Sequence[int] | None, job: str | None) -> tuple[str, list[Any]]:
@@ -184,10 +184,23 @@ def mark_replayed(conn: Conn, dead_letter_id: int) -> None:
     conn.execute("UPDATE dead_letters SET replayed_at = now() WHERE id = %s", (dead_letter_id,))
 
 
+DEAD_LETTERED = "dead-lettered: "  # job_outbox.error of a row whose job became a dead letter
+PURGED = "purged: "  # … and once on-call purged that dead letter (the row keeps its outcome)
+
+
 def delete_open_dead_letters(conn: Conn, ids: Sequence[int] | None,
                              job: str | None) -> list[dict[str, Any]]:
+    """Purge: the dead letters go, their outbox rows say so (no view still shows the failure)."""
     where, params = _open_filter(ids, job)
-    return conn.execute(f"DELETE FROM dead_letters WHERE {where} RETURNING queue_name, message", params).fetchall()
+    rows = conn.execute(f"DELETE FROM dead_letters WHERE {where} RETURNING queue_name, message, outbox_id",
+                        params).fetchall()
+    outbox_ids = [r["outbox_id"] for r in rows if r["outbox_id"] is not None]
+    if outbox_ids:
+        conn.execute(
+            "UPDATE job_outbox SET error = %s || error WHERE id = ANY(%s) AND error LIKE %s",
+            (PURGED, outbox_ids, DEAD_LETTERED + "%"),
+        )
+    return rows
 
 
 # --- housekeeping and the monitor's view ----------------------------------------------------
@@ -230,12 +243,16 @@ def backlog(conn: Conn) -> dict[str, Any]:
 
 
 def status(conn: Conn) -> dict[str, Any]:
-    """`drop-jobs status`: pending, unrelayed, failed, oldest_pending_s."""
+    """`drop-jobs status`: pending, unrelayed, failed (every closed row), rejected (closed by the
+    relay and never run: not a dead letter, so shown on their own), oldest_pending_s."""
     return one_row(conn.execute(
         """SELECT count(*) FILTER (WHERE done_at IS NULL AND error IS NULL) AS pending,
                   count(*) FILTER (WHERE done_at IS NULL AND error IS NULL AND relayed_at IS NULL
                                    AND available_at <= now()) AS unrelayed,
                   count(*) FILTER (WHERE error IS NOT NULL AND done_at IS NULL) AS failed,
+                  count(*) FILTER (WHERE error IS NOT NULL AND done_at IS NULL
+                                   AND error NOT LIKE 'dead-lettered: %%' AND error NOT LIKE 'purged: %%')
+                      AS rejected,
                   extract(epoch FROM now() - min(available_at)
                           FILTER (WHERE done_at IS NULL AND error IS NULL AND available_at <= now()))
                       AS oldest_pending_s

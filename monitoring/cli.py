@@ -17,10 +17,9 @@ import socket
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import honcho.manager
 import psycopg
@@ -29,32 +28,20 @@ from honcho.environ import parse_procfile
 from psycopg.conninfo import conninfo_to_dict
 
 import jobs
-from db import outbox
 from db.migrate import migrate
-from db.pool import database_url, transaction
+from db.pool import database_url
 from monitoring import demo
+from monitoring import status as status_view
 from worker import dlq
 from worker.embedded import EmbeddedUnavailable, ensure_services
 from worker.logs import setup_logging
 from worker.pii import scrub_text
-from worker.probes import breaker_states, queue_stats, queues, scheduler_leader, workers_alive
-from worker.relay import relays_alive
 from worker.settings import ConfigurationError, Settings, get_settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def _fmt_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -94,92 +81,24 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
-def collect_status() -> dict[str, Any]:
-    """Everything `status` shows, as data (also used by the monitor and tests)."""
-
-    status: dict[str, Any] = {"queues": queue_stats(queues(jobs.registry.queues())), "breakers": breaker_states()}
-    with transaction() as conn:
-        status["dead_letters"] = [
-            {"job": r["job"], "count": r["n"], "newest": r["newest_at"]}
-            for r in sorted(outbox.open_dead_letters_by_job(conn), key=lambda r: r["job"])
-        ]
-        status["outbox"] = outbox.status(conn)
-        status["scheduler"] = conn.execute(
-            """SELECT DISTINCT ON (job) job, slot, status, leader,
-                      extract(epoch FROM now() - fired_at) AS age_s
-                 FROM scheduler_fires ORDER BY job, fired_at DESC"""
-        ).fetchall()
-
-    status["scheduler_leader"] = scheduler_leader()
-    status["workers"] = {"consumers": workers_alive(), "relays": relays_alive()}
-    return status
-
-
-OSLO = ZoneInfo("Europe/Oslo")
-
-
-def _oslo(when: datetime) -> str:
-    """Times on screen are Oslo's (the schedules' zone), to the second."""
-    return when.astimezone(OSLO).isoformat(timespec="seconds")
-
-
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(status_view.collect_status(), default=str, indent=2))
+        return 0
+    out = status_view.console()
     if not args.watch:
-        return _print_status(args)
+        status_view.render(status_view.collect_status(), out)
+        return 0
     try:
         while True:
-            print("\033[2J\033[H", end="")  # clear the terminal, cursor home
-            print(f"drop-jobs status  {_oslo(datetime.now(OSLO))}  (every {args.watch:g} s, Ctrl-C to stop)\n")
-            _print_status(args)
+            current = status_view.collect_status()  # gathered first: the screen never blinks empty
+            out.clear()
+            out.print(f"drop-jobs status  {status_view.oslo(datetime.now(UTC))} Oslo  "
+                      f"(every {args.watch:g} s, Ctrl-C to stop)\n")
+            status_view.render(current, out)
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 0
-
-
-def _print_status(args: argparse.Namespace) -> int:
-    status = collect_status()
-    if args.json:
-        print(json.dumps(status, default=str, indent=2))
-        return 0
-    w = status["workers"]
-    print(f"WORKERS  consumers alive {w['consumers']}  outbox relays alive {w['relays']}\n")
-    q = status["queues"]
-    print("QUEUES")
-    print(
-        _table(
-            [[r["queue"], r["ready"], r["delayed"], r["dead"]] for r in q], ["queue", "ready", "delayed", "dead(redis)"]
-        )
-    )
-    o = status["outbox"]
-    print(
-        f"\nOUTBOX  pending {o['pending']}  not yet relayed {o['unrelayed']}  failed {o['failed']}"
-        f"  oldest pending {_fmt_age(float(o['oldest_pending_s']) if o['oldest_pending_s'] is not None else None)}"
-    )
-    dl = status["dead_letters"]
-    print(f"\nDEAD LETTERS  {sum(r['count'] for r in dl)} open")
-    if dl:
-        print(
-            _table(
-                [[r["job"], r["count"], _oslo(r["newest"])] for r in dl],
-                ["job", "count", "newest"],
-            )
-        )
-    print("\nBREAKERS")
-    br = status["breakers"]
-    print(_table([[name, state] for name, state in br.items()], ["breaker", "state"]) if br else "(none reported yet)")
-    leader = status["scheduler_leader"]
-    print(f"\nSCHEDULER  leader {leader.get('leader', 'none') if leader else 'none'}")
-    if status["scheduler"]:
-        print(
-            _table(
-                [
-                    [r["job"], _oslo(r["slot"]), r["status"], _fmt_age(float(r["age_s"]))]
-                    for r in status["scheduler"]
-                ],
-                ["job", "last slot", "status", "ago"],
-            )
-        )
-    return 0
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -359,48 +278,93 @@ def use_embedded_servers_of_a_run() -> str | None:
     return str(path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drop-jobs", description="drop-worker operations")
-    sub = parser.add_subparsers(dest="command", required=True)
+EXAMPLES = {
+    "drop-jobs": """examples:
+  drop-jobs run                      everything on this machine (embedded servers if no URLs)
+  drop-jobs status --watch 2         the system at a glance, redrawn every 2 s
+  drop-jobs dlq list --job kyc.sumsub_webhook
+  drop-jobs dlq replay 17 18         send two dead letters again once the cause is fixed
 
-    run = sub.add_parser("run", help="start worker, scheduler, monitor and sandbox (Procfile)")
+The servers: DATABASE_URL and REDIS_URL, else the embedded ones of a running `drop-jobs run`
+in this checkout (its .data/ directory).""",
+    "run": """examples:
+  drop-jobs run                      worker, scheduler, monitor, sandbox and the demo
+  drop-jobs run --no-demo            the same without demo data
+
+A port already taken (another instance?) is refused before anything starts, naming the port
+and the variable that moves it (DROP_MONITOR_PORT, DROP_SANDBOX_PORT, …).""",
+    "enqueue": """examples:
+  drop-jobs enqueue housekeeping.prune '{}'
+  drop-jobs enqueue aisp.refresh_account '{"bank_account_id": "acct_1"}' --key aisp:acct_1:manual-1
+
+The payload is checked against the job's parameters first; a refusal names the field.""",
+    "status": """examples:
+  drop-jobs status                   verdict first, then workers, queues, outbox, failures, schedules
+  drop-jobs status --watch 2         redraw every 2 s until Ctrl-C
+  drop-jobs status --json | jq .attention""",
+    "dlq": """examples:
+  drop-jobs dlq list --job pisp.poll_status --limit 20
+  drop-jobs dlq show 17              reason (scrubbed), retries, payload keys (never values)
+  drop-jobs dlq replay 17 18         or: drop-jobs dlq replay --all --job kyc.sumsub_webhook
+  drop-jobs dlq purge 17 --yes       delete for good (the outbox row keeps its outcome)""",
+    "demo": """examples:
+  drop-jobs demo                     demo users, accounts and payments, with progress
+  drop-jobs demo --no-watch          enqueue and return""",
+}
+
+
+def _parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(name),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drop-jobs", description="drop-worker operations",
+                                     epilog=EXAMPLES["drop-jobs"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = _parser(sub, "run", "start worker, scheduler, monitor and sandbox (Procfile), embedded servers if needed")
     run.add_argument("--no-demo", action="store_true", help="do not load demo data")
-    run.add_argument("--demo-timeout", type=float, default=150.0)
+    run.add_argument("--demo-timeout", type=float, default=150.0, metavar="SECONDS",
+                     help="stop printing demo progress after this many seconds (default 150)")
     run.set_defaults(func=cmd_run)
 
-    sub.add_parser("migrate", help="apply pending migrations").set_defaults(func=cmd_migrate)
+    _parser(sub, "migrate", "apply pending SQL migrations (db/migrations), each once").set_defaults(func=cmd_migrate)
 
-    enqueue = sub.add_parser("enqueue", help="enqueue a job through the outbox")
-    enqueue.add_argument("name")
-    enqueue.add_argument("payload", help="JSON object")
-    enqueue.add_argument("--key", help="idempotency key (default: random)")
+    enqueue = _parser(sub, "enqueue", "enqueue a job through the outbox (as the web tier does)")
+    enqueue.add_argument("name", help="job name, e.g. housekeeping.prune")
+    enqueue.add_argument("payload", help="the job's parameters as a JSON object, e.g. '{}'")
+    enqueue.add_argument("--key", help="idempotency key: the same key enqueues once (default: random)")
     enqueue.set_defaults(func=cmd_enqueue)
 
-    status = sub.add_parser("status", help="queues, dead letters, breakers, scheduler at a glance")
+    status = _parser(sub, "status", "is it healthy: verdict, workers, queues, outbox, dead letters, breakers, "
+                                    "schedules")
     status.add_argument("--json", action="store_true", help="the same, as JSON")
     status.add_argument("--watch", type=float, metavar="SECONDS", default=0,
                         help="redraw every SECONDS seconds until Ctrl-C (e.g. --watch 2)")
     status.set_defaults(func=cmd_status)
 
-    dlq = sub.add_parser("dlq", help="dead letters: list, show, replay, purge")
-    dsub = dlq.add_subparsers(dest="dlq_command", required=True)
-    lst = dsub.add_parser("list")
-    lst.add_argument("--limit", type=int, default=50)
-    lst.add_argument("--job")
-    show = dsub.add_parser("show")
-    show.add_argument("id", type=int)
-    for name in ("replay", "purge"):
-        p = dsub.add_parser(name)
-        p.add_argument("ids", nargs="*", type=int)
-        p.add_argument("--all", action="store_true")
+    dlq = _parser(sub, "dlq", "dead letters: list, show, replay, purge")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    lst = dsub.add_parser("list", help="open dead letters, newest first")
+    lst.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    lst.add_argument("--job", help="only dead letters of this job, e.g. kyc.sumsub_webhook")
+    show = dsub.add_parser("show", help="one dead letter: reason, retries, payload keys (never values)")
+    show.add_argument("id", type=int, help="dead-letter id from `dlq list`")
+    for name, what in (("replay", "send again (an outbox job keeps its idempotency key)"),
+                       ("purge", "delete for good (its outbox row keeps the outcome)")):
+        p = dsub.add_parser(name, help=what)
+        p.add_argument("ids", nargs="*", type=int, help="dead-letter ids from `dlq list`")
+        p.add_argument("--all", action="store_true", help="every open dead letter (with --job: of that job)")
         p.add_argument("--job", help="only dead letters of this job")
         if name == "purge":
-            p.add_argument("--yes", action="store_true")
+            p.add_argument("--yes", action="store_true", help="confirm: purged dead letters cannot be replayed")
     dlq.set_defaults(func=cmd_dlq)
 
-    demo = sub.add_parser("demo", help="load demo data and enqueue demo jobs")
-    demo.add_argument("--no-watch", action="store_true")
-    demo.add_argument("--timeout", type=float, default=150.0)
+    demo = _parser(sub, "demo", "load demo data and enqueue demo jobs (DROP_ENV=development only)")
+    demo.add_argument("--no-watch", action="store_true", help="enqueue and return without printing progress")
+    demo.add_argument("--timeout", type=float, default=150.0, metavar="SECONDS",
+                      help="stop printing progress after this many seconds (default 150)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

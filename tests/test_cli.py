@@ -17,6 +17,14 @@ def fails_until_fixed(tag: str) -> None:
         raise ValueError("downstream rejected the request")
 
 
+IN_FLIGHT: list = []
+
+
+@registry.job("test.cli_holds", queue="test")
+def holds() -> None:
+    IN_FLIGHT[-1].wait(20)
+
+
 def test_enqueue_and_status(db, sql, broker, capsys):
     assert main(["enqueue", "housekeeping.prune", "{}", "--key", "k1"]) == 0
     assert "enqueued housekeeping.prune" in capsys.readouterr().out
@@ -40,9 +48,19 @@ def test_enqueue_and_status(db, sql, broker, capsys):
     text = capsys.readouterr().out
     for heading in ("QUEUES", "OUTBOX", "DEAD LETTERS", "BREAKERS", "SCHEDULER"):
         assert heading in text
-    # Workers first (this test's broker heartbeats from its flush; no relay loop runs here).
-    assert text.splitlines()[0].startswith("WORKERS  consumers alive ")
-    assert text.splitlines()[0].endswith("outbox relays alive 0") and status["workers"]["relays"] == 0
+    # The verdict first: no relay loop and no scheduler run here, and it says so.
+    lines = text.splitlines()
+    assert lines[0].startswith("ATTENTION")
+    assert "  - no outbox relay alive: nothing new reaches the queues" in lines
+    assert "  - no scheduler leader: periodic jobs do not fire" in lines
+    assert "outbox relays alive 0" in text and status["workers"]["relays"] == 0
+    assert "\x1b[" not in text  # piped: no colour codes
+    # Every schedule is listed with its next fire time, also those that never fired.
+    schedules = {s["job"]: s for s in status["schedules"]}
+    assert set(schedules) == {"aisp.refresh_all", "sca.expire_timeouts", "pisp.sweep", "housekeeping.prune"}
+    assert all(s["next_fire"] and s["last_status"] is None for s in schedules.values())
+    prune_line = next(line for line in lines if line.startswith("housekeeping.prune"))
+    assert " 03:30:00 " in prune_line and "never fired" in prune_line
 
 
 def test_dlq_list_show_replay_purge(db, sql, worker, relay, capsys):
@@ -77,6 +95,33 @@ def test_dlq_list_show_replay_purge(db, sql, worker, relay, capsys):
     assert sql("SELECT count(*) AS n FROM dead_letters WHERE replayed_at IS NULL")[0]["n"] == 0
     assert main(["dlq", "list"]) == 0
     assert "no open dead letters" in capsys.readouterr().out
+    # Every view of the two failures is clear: no dead letter, no rejected outbox row, nothing
+    # left in Dramatiq's Redis dead set, nothing for on-call to look at.
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["dead_letters"] == [] and status["outbox"]["rejected"] == 0
+    assert next(q for q in status["queues"] if q["queue"] == "test")["dead"] == 0
+    assert not [p for p in status["attention"] if "dead letter" in p or "rejected" in p]
+
+
+def test_status_counts_jobs_in_flight(db, sql, worker, relay, capsys):
+    import threading
+
+    import jobs
+
+    release = threading.Event()
+    IN_FLIGHT.append(release)
+    try:
+        jobs.enqueue("test.cli_holds", {})
+        wait_for(lambda: main(["status", "--json"]) == 0 and next(
+            q for q in json.loads(capsys.readouterr().out)["queues"] if q["queue"] == "test")["in_flight"] == 1,
+            timeout=20, what="one job in flight")
+    finally:
+        release.set()
+    wait_for(lambda: sql("SELECT count(*) AS n FROM job_outbox WHERE done_at IS NOT NULL")[0]["n"] == 1,
+             what="the held job done")
+    assert main(["status", "--json"]) == 0
+    assert next(q for q in json.loads(capsys.readouterr().out)["queues"] if q["queue"] == "test")["in_flight"] == 0
 
 
 def test_status_in_a_second_shell_finds_the_embedded_servers_of_a_run(db, redis_namespace, tmp_path):
@@ -138,3 +183,30 @@ def test_a_second_run_refuses_a_taken_port_before_starting_anything(tmp_path):
     assert proc.returncode == 2
     assert f"port {port} on 127.0.0.1 is already in use" in proc.stderr and "DROP_MONITOR_PORT" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "postgres").exists()  # nothing was started
+
+
+def test_every_command_has_examples_and_every_option_says_what_it_takes():
+    import argparse
+
+    from monitoring.cli import build_parser
+
+    def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        found = {}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    found[name] = child
+                    found.update({f"{name} {k}": v for k, v in subparsers(child).items()})
+        return found
+
+    parser = build_parser()
+    assert "examples:" in (parser.epilog or "")
+    commands = subparsers(parser)
+    assert {"run", "migrate", "enqueue", "status", "dlq", "demo", "dlq replay"} <= set(commands)
+    for name, child in commands.items():
+        if " " not in name and name != "migrate":
+            assert "examples:" in (child.epilog or ""), f"`drop-jobs {name} --help` shows no examples"
+        for action in child._actions:
+            if action.dest in ("help", "command", "dlq_command"):
+                continue
+            assert action.help, f"`drop-jobs {name}`: {action.dest} has no help text"

@@ -7,7 +7,8 @@ import pytest
 from apscheduler.triggers.cron import CronTrigger
 
 import scheduler
-from scheduler import OSLO, SCHEDULES, Leadership, Schedule, catch_up, fire, latest_slot, slots_between
+from jobs.schedules import OSLO, SCHEDULES, Schedule
+from scheduler import Leadership, catch_up, fire, latest_slot, slots_between
 
 EVERY_MINUTE = Schedule("housekeeping.prune", CronTrigger(minute="*", timezone=OSLO), timedelta(seconds=55), "t")
 FOUR_A_DAY = Schedule(

@@ -48,10 +48,13 @@ def describe(row: dict) -> dict:
 
 def replay(ids: list[int] | None, *, job: str | None = None, broker: dramatiq.Broker | None = None) -> int:
     """Send dead letters again: a job from the outbox by reopening its row (same idempotency
-    key), any other message re-enqueued with its retry count reset."""
+    key), any other message re-enqueued with its retry count reset. Dramatiq's Redis copy of
+    each replayed message goes too: no view keeps showing a failure that was dealt with."""
     count = 0
+    replayed: list[dict] = []
     with transaction() as conn:
         for row in outbox.lock_open_dead_letters(conn, ids, job):
+            replayed.append(row)
             if row["outbox_id"] is not None and outbox.reopen(conn, row["outbox_id"]):
                 outbox.mark_replayed(conn, row["id"])
                 count += 1
@@ -70,17 +73,22 @@ def replay(ids: list[int] | None, *, job: str | None = None, broker: dramatiq.Br
             (broker or dramatiq_redis.global_broker()).enqueue(message)
             outbox.mark_replayed(conn, row["id"])
             count += 1
+    _drop_redis_copies(replayed)
     return count
 
 
-def purge(ids: list[int] | None, *, job: str | None = None) -> int:
-    """Delete dead letters (PostgreSQL and Dramatiq's Redis dead-letter set)."""
-    with transaction() as conn:
-        rows = outbox.delete_open_dead_letters(conn, ids, job)
+def _drop_redis_copies(rows: list[dict]) -> None:
     ns = dramatiq_redis.namespace(get_settings())
     client = get_redis()
     for row in rows:
         redis_id = ((row["message"] or {}).get("options") or {}).get("redis_message_id")
         if redis_id:
             dramatiq_redis.drop_dead_message(client, ns, row["queue_name"], redis_id)
+
+
+def purge(ids: list[int] | None, *, job: str | None = None) -> int:
+    """Delete dead letters (PostgreSQL and Dramatiq's Redis dead-letter set)."""
+    with transaction() as conn:
+        rows = outbox.delete_open_dead_letters(conn, ids, job)
+    _drop_redis_copies(rows)
     return len(rows)

@@ -133,18 +133,25 @@ def declared_queues(names: Iterable[str] = ()) -> list[str]:
 
 
 def queue_stats(client: Any, ns: str, queues: Sequence[str]) -> list[dict[str, Any]]:
-    """Ready, delayed and (Redis-side) dead messages per queue."""
+    """Ready, delayed, in flight (taken by a worker, not yet acked) and (Redis-side) dead
+    messages per queue. In flight: the ack set `<ns>:__acks__.<worker>.<queue>` of every worker
+    in the heartbeat set (a dead worker's are in flight until Dramatiq requeues them)."""
     names = sorted(q for q in queues if not q.endswith(".DQ"))
+    worker_ids = [m.decode() if isinstance(m, bytes) else m for m in client.zrange(f"{ns}:{HEARTBEATS}", 0, -1)]
     pipe = client.pipeline(transaction=False)
     for q in names:
         pipe.llen(f"{ns}:{q}")
         pipe.llen(f"{ns}:{dq_name(q)}")
         pipe.zcard(f"{ns}:{q}.XQ")
-    values = pipe.execute()
-    return [
-        {"queue": q, "ready": values[3 * i], "delayed": values[3 * i + 1], "dead": values[3 * i + 2]}
-        for i, q in enumerate(names)
-    ]
+        for wid in worker_ids:
+            pipe.scard(f"{ns}:__acks__.{wid}.{q}")
+    values = iter(pipe.execute())
+    stats = []
+    for q in names:
+        ready, delayed, dead = next(values), next(values), next(values)
+        in_flight = sum(next(values) for _ in worker_ids)
+        stats.append({"queue": q, "ready": ready, "delayed": delayed, "in_flight": in_flight, "dead": dead})
+    return stats
 
 
 def queue_oldest_age(client: Any, ns: str, queues: Sequence[str]) -> dict[str, float]:

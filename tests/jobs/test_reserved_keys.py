@@ -9,7 +9,8 @@ import psycopg
 import pytest
 
 import jobs
-from scheduler import OSLO, SCHEDULES, fire, slot_key
+from jobs.schedules import OSLO, SCHEDULES
+from scheduler import fire, slot_key
 from tests.jobs.test_kyc import USER, add_user, deliver, event, secret  # noqa: F401  (fixture)
 from tests.monitoring.conftest import receiver, slack  # noqa: F401  (fixtures)
 
