@@ -82,13 +82,14 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    redis_reachable = not getattr(args, "redis_unreachable", False)
     if args.json:
-        print(json.dumps(status_view.collect_status(), default=str, indent=2))
-        return 0
+        print(json.dumps(status_view.collect_status(redis_reachable=redis_reachable), default=str, indent=2))
+        return 0 if redis_reachable else 2
     out = status_view.console()
-    if not args.watch:
-        status_view.render(status_view.collect_status(), out)
-        return 0
+    if not args.watch or not redis_reachable:
+        status_view.render(status_view.collect_status(redis_reachable=redis_reachable), out)
+        return 0 if redis_reachable else 2
     try:
         while True:
             current = status_view.collect_status()  # gathered first: the screen never blinks empty
@@ -421,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         problems = unreachable_servers(need_redis=NEEDS_SERVERS[args.command])
         for problem in problems:
             print(f"drop-jobs: {problem}", file=sys.stderr)
-        if problems:
+        if args.command == "status" and problems and all(p.startswith("Redis ") for p in problems):
+            args.redis_unreachable = True  # the PostgreSQL half of the picture is still worth showing
+        elif problems:
             return 2
     return int(args.func(args) or 0)
 

@@ -27,11 +27,15 @@ from worker.relay import relays_alive
 OUTBOX_BEHIND_S = 60
 
 
-def collect_status(now: datetime | None = None) -> dict[str, Any]:
-    """Everything `status` shows, as data (`status --json`, tests)."""
+def collect_status(now: datetime | None = None, *, redis_reachable: bool = True) -> dict[str, Any]:
+    """Everything `status` shows, as data (`status --json`, tests). With Redis unreachable, the
+    PostgreSQL side (outbox, dead letters, schedules) is still shown; the rest is None."""
 
     now = now or datetime.now(UTC)
-    status: dict[str, Any] = {"queues": queue_stats(queues(jobs.registry.queues())), "breakers": breaker_states()}
+    status: dict[str, Any] = {"redis_reachable": redis_reachable, "queues": None, "breakers": None,
+                              "scheduler_leader": None, "workers": None}
+    if redis_reachable:
+        status.update(queues=queue_stats(queues(jobs.registry.queues())), breakers=breaker_states())
     with transaction() as conn:
         status["dead_letters"] = [
             {"job": r["job"], "count": r["n"], "newest": r["newest_at"]}
@@ -54,8 +58,9 @@ def collect_status(now: datetime | None = None) -> dict[str, Any]:
         }
         for s in SCHEDULES
     ]
-    status["scheduler_leader"] = scheduler_leader()
-    status["workers"] = {"consumers": workers_alive(), "relays": relays_alive()}
+    if redis_reachable:
+        status["scheduler_leader"] = scheduler_leader()
+        status["workers"] = {"consumers": workers_alive(), "relays": relays_alive()}
     status["attention"] = attention(status)
     return status
 
@@ -64,13 +69,15 @@ def attention(status: dict[str, Any]) -> list[str]:
     """What on-call should look at, most urgent first; empty when healthy."""
 
     problems = []
-    if not status["workers"]["consumers"]:
+    if not status["redis_reachable"]:
+        problems.append("Redis unreachable: queues, workers, breakers and the scheduler leader are unknown")
+    elif not status["workers"]["consumers"]:
         problems.append("no worker alive: nothing is processed")
-    if not status["workers"]["relays"]:
+    if status["workers"] and not status["workers"]["relays"]:
         problems.append("no outbox relay alive: nothing new reaches the queues")
-    if not status["scheduler_leader"]:
+    if status["redis_reachable"] and not status["scheduler_leader"]:
         problems.append("no scheduler leader: periodic jobs do not fire")
-    opened = sorted(name for name, state in status["breakers"].items() if state != "closed")
+    opened = sorted(name for name, state in (status["breakers"] or {}).items() if state != "closed")
     if opened:
         problems.append(f"breaker {', '.join(opened)} not closed: provider calls are refused")
     waiting = sum(r["count"] for r in status["dead_letters"])
@@ -127,14 +134,17 @@ def render(status: dict[str, Any], out: Console) -> None:
     else:
         out.print(Text("HEALTHY", style="bold green") + Text("  workers, relays, scheduler and breakers ok; "
                                                              "no dead letters; outbox keeping up"))
+    unknown = "unknown (Redis unreachable)"
     w = status["workers"]
-    out.print(f"\nWORKERS  consumers alive {w['consumers']}  outbox relays alive {w['relays']}")
+    out.print(f"\nWORKERS  consumers alive {w['consumers']}  outbox relays alive {w['relays']}" if w
+              else f"\nWORKERS  {unknown}")
 
-    out.print("\nQUEUES")
-    table = _table("queue", "ready", "delayed", "in flight")
-    for q in status["queues"]:
-        table.add_row(q["queue"], str(q["ready"]), str(q["delayed"]), str(q["in_flight"]))
-    out.print(table)
+    out.print("\nQUEUES" if status["queues"] is not None else f"\nQUEUES  {unknown}")
+    if status["queues"] is not None:
+        table = _table("queue", "ready", "delayed", "in flight")
+        for q in status["queues"]:
+            table.add_row(q["queue"], str(q["ready"]), str(q["delayed"]), str(q["in_flight"]))
+        out.print(table)
 
     o = status["outbox"]
     oldest = float(o["oldest_pending_s"]) if o["oldest_pending_s"] is not None else None
@@ -151,17 +161,18 @@ def render(status: dict[str, Any], out: Console) -> None:
         out.print(table)
         out.print("  `drop-jobs dlq list` to see why; `drop-jobs dlq replay ID` once the cause is fixed")
 
-    out.print("\nBREAKERS")
+    out.print("\nBREAKERS" if status["breakers"] is not None else f"\nBREAKERS  {unknown}")
     if status["breakers"]:
         table = _table("breaker", "state")
         for name, state in status["breakers"].items():
             table.add_row(name, Text(state, style=_STATE_STYLE.get(state, "")))
         out.print(table)
-    else:
+    elif status["breakers"] is not None:
         out.print("(none reported yet)")
 
     leader = status["scheduler_leader"]
-    out.print(f"\nSCHEDULER  leader {leader.get('leader', 'none') if leader else 'none'}")
+    out.print(f"\nSCHEDULER  leader {leader.get('leader', 'none') if leader else 'none'}" if status["redis_reachable"]
+              else f"\nSCHEDULER  leader {unknown}")
     table = _table("job", "next fire (Oslo)", "last slot (Oslo)", "outcome", "ago")
     for s in status["schedules"]:
         table.add_row(s["job"], oslo(s["next_fire"]), oslo(s["last_slot"]),

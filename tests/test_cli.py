@@ -166,6 +166,26 @@ def test_unreachable_servers_are_one_line_each_not_tracebacks(db):
     assert lines[1] == "drop-jobs: Redis at 127.0.0.1:1 is unreachable: ConnectionError (check REDIS_URL)"
 
 
+def test_status_with_redis_gone_still_shows_the_postgresql_half(db, sql):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sql("INSERT INTO dead_letters (message_id, job, queue_name, message, reason, retries) "
+        "VALUES ('m1', 'kyc.sumsub_webhook', 'kyc', '{}', 'PermanentError: bad digest', 0)")
+    env = {**os.environ, "DATABASE_URL": db, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    proc = subprocess.run([sys.executable, "-m", "monitoring.cli", "status"], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "drop-jobs: Redis at 127.0.0.1:1 is unreachable: ConnectionError (check REDIS_URL)"
+    out = proc.stdout
+    assert "Redis unreachable: queues, workers, breakers and the scheduler leader are unknown" in out
+    assert "QUEUES  unknown (Redis unreachable)" in out
+    assert "DEAD LETTERS  1 open" in out and "kyc.sumsub_webhook" in out
+    assert "housekeeping.prune" in out  # the schedules come from the code and PostgreSQL
+
+
 def test_a_second_run_refuses_a_taken_port_before_starting_anything(tmp_path):
     import os
     import socket
