@@ -36,6 +36,7 @@ from worker import dlq
 from worker.embedded import EmbeddedUnavailable, ensure_services
 from worker.logs import setup_logging
 from worker.pii import scrub_text
+from worker.redis_client import redis_from_url
 from worker.settings import ConfigurationError, Settings, get_settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -394,12 +395,13 @@ def unreachable_servers(*, need_redis: bool) -> list[str]:
             why = scrub_text(first.rsplit("failed: ", 1)[-1]).removeprefix("FATAL:").strip()
             problems.append(f"PostgreSQL at {place} is unreachable: {why} (check DATABASE_URL)")
     if need_redis and settings.redis_url:
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        client = redis_from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
         try:
             client.ping()
         except redis.exceptions.RedisError as error:
-            place = f"{client.connection_pool.connection_kwargs.get('host', '?')}:" \
-                    f"{client.connection_pool.connection_kwargs.get('port', '?')}"
+            kwargs = client.connection_pool.connection_kwargs
+            place = (f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}" if "host" in kwargs
+                     else f"the Sentinel-managed primary {getattr(client.connection_pool, 'service_name', '?')}")
             problems.append(f"Redis at {place} is unreachable: {type(error).__name__} (check REDIS_URL)")
         finally:
             client.close()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import jobs
-from monitoring.health import check_postgres
+from monitoring.health import check_postgres, check_redis
 from worker import probes
 from worker.alerts import Severity, active_since, forget_once, once, resolve_alert, send_alert
 from worker.probes import ERROR_WINDOW_S
@@ -128,6 +128,25 @@ def postgres_state() -> Iterator[Condition]:
     )
 
 
+def redis_reachable() -> Iterator[Condition]:
+    """Redis unreachable (a lost primary before Sentinel promotes a replica, or no Redis at all):
+    the other Redis rules cannot evaluate and yield nothing, so this one names the outage. Its
+    alert is sent without Redis's dedup (each monitor replica's own cooldown) and resolved once
+    Redis answers again (worker.alerts remembers it locally)."""
+
+    try:
+        check_redis()
+        down, reason = False, ""
+    except Exception as error:
+        down, reason = True, type(error).__name__
+    yield Condition(
+        "redis-down", down, Severity.CRITICAL, "Redis unreachable",
+        f"The monitor cannot reach Redis ({reason}): no job is delivered until it is back; the "
+        "outbox keeps every job in PostgreSQL and the relay sends them again.",
+        runbook="redis-unreachable",
+    )
+
+
 def database() -> Iterator[Condition]:
     s = probes.database_state()
     dead = s["dead_letters"]
@@ -160,7 +179,7 @@ def database() -> Iterator[Condition]:
     )
 
 
-RULES: tuple[Rule, ...] = (error_spike, breakers, redis_state, postgres_state, database)
+RULES: tuple[Rule, ...] = (error_spike, breakers, redis_reachable, redis_state, postgres_state, database)
 
 
 class Evaluator:

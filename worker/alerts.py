@@ -70,6 +70,8 @@ ACTIVE_TTL_S = 7 * 86_400  # an incident nobody resolves is forgotten after a we
 MAX_MESSAGE_CHARS = 1500
 
 _local_lock = threading.Lock()
+# Alerts raised while Redis was unreachable (no shared marker): key → title, since.
+_local_active: dict[str, dict[str, Any]] = {}
 _local_sent: dict[str, float] = {}  # key → monotonic time of the last send (Redis-down fallback)
 
 
@@ -210,6 +212,9 @@ def send_alert(
             # Redis down: better a duplicate from each replica than silence; still no floods.
             log.warning("alert dedup unavailable (%s); using this process's cooldown", type(error).__name__)
             allowed = _local_cooldown_ok(key, cooldown)
+            if allowed:  # remembered here, so its end is announced once Redis answers again
+                with _local_lock:
+                    _local_active.setdefault(key, {"title": title, "since": time.time()})
         if not allowed:
             ALERTS_SUPPRESSED.inc()
             return False
@@ -231,10 +236,11 @@ def resolve_alert(key: str, message: str | None = None, *, runbook: str | None =
         return False
     with _local_lock:
         _local_sent.pop(key, None)
-    if raw is None:
+        local = _local_active.pop(key, None)
+    if raw is None and local is None:
         return False
     try:
-        marker = json.loads(raw)
+        marker = json.loads(raw) if raw is not None else (local or {})
     except ValueError:
         marker = {}
     title = marker.get("title") or key

@@ -43,6 +43,7 @@ from worker.middleware import (
     SentryJobs,
 )
 from worker.redelivery import CrashGuard
+from worker.redis_client import CLIENT_OPTIONS, redis_from_url
 from worker.settings import Settings, get_settings
 
 DEFAULT_TIME_LIMIT_MS = 120_000
@@ -94,7 +95,8 @@ def build_broker(settings: Settings | None = None, *, metrics: bool = True) -> R
         middleware.append(_prometheus_middleware(settings))
         middleware.append(OutboxRelayFork())
     return RedisBroker(
-        url=settings.redis_url,
+        # the broker's client comes from the same place as every other (Sentinel URLs included)
+        client=redis_from_url(settings.redis_url, **CLIENT_OPTIONS),
         namespace=f"{settings.redis_namespace}-dramatiq",
         middleware=middleware,
         heartbeat_timeout=settings.worker_heartbeat_timeout_ms,

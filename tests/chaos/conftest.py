@@ -332,10 +332,11 @@ class PrivatePostgres:
 class PrivateRedis:
     """A redis-server without persistence on a free port (for a real restart in `make chaos`)."""
 
-    def __init__(self, binary: str = "redis-server") -> None:
+    def __init__(self, binary: str = "redis-server", extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="drop-chaos-redis-"))
         self.binary = binary
+        self.extra = extra
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -346,7 +347,7 @@ class PrivateRedis:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)],
+             "--dir", str(self.dir), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -361,6 +362,54 @@ class PrivateRedis:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+class PrivateSentinel:
+    """A redis-sentinel (Debian's `redis-sentinel`, else `redis-server --sentinel`) watching
+    `primary` as service `name`, quorum 1, declaring it down after `down_after_ms`."""
+
+    def __init__(self, primary: PrivateRedis, name: str = "drop", down_after_ms: int = 2000) -> None:
+        import shutil
+
+        self.port = free_port()
+        self.name = name
+        self.dir = Path(tempfile.mkdtemp(prefix="drop-chaos-sentinel-"))
+        conf = self.dir / "sentinel.conf"
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\n"
+                        f"sentinel monitor {name} 127.0.0.1 {primary.port} 1\n"
+                        f"sentinel down-after-milliseconds {name} {down_after_ms}\n"
+                        f"sentinel failover-timeout {name} 10000\nsentinel parallel-syncs {name} 1\n")
+        binary = shutil.which("redis-sentinel")
+        args = [binary, str(conf)] if binary else ["redis-server", str(conf), "--sentinel"]
+        self.proc = subprocess.Popen(args, stdout=open(self.dir / "log", "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if client.sentinel_get_master_addr_by_name(name):
+                    return
+            except redis.exceptions.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-sentinel did not start")
+
+    def primary_port(self) -> int | None:
+        try:
+            addr = redis.Redis(port=self.port, socket_timeout=1).sentinel_get_master_addr_by_name(self.name)
+        except redis.exceptions.RedisError:
+            return None
+        return int(addr[1]) if addr else None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.name}/{db}"
+
+    def kill(self) -> None:
+        import shutil
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def unique(prefix: str) -> str:
