@@ -111,21 +111,24 @@ def redis_state() -> Iterator[Condition]:
     )
 
 
-def postgres_state() -> Iterator[Condition]:
-    """PostgreSQL unreachable: the `database` rule's probe then fails and yields nothing (so
-    "unknown" never resolves), which left an outage of the source of truth without any alert."""
-
+def _unreachable(check: Callable[[], object], key: str, title: str, consequence: str,
+                 runbook: str) -> Condition:
     try:
-        check_postgres()
+        check()
         down, reason = False, ""
     except Exception as error:
         down, reason = True, type(error).__name__
-    yield Condition(
-        "postgres-down", down, Severity.CRITICAL, "PostgreSQL unreachable",
-        f"The monitor cannot reach PostgreSQL ({reason}): jobs fail and retry, the relay pauses, "
-        "nothing new is applied until it is back.",
-        runbook="postgresql-unreachable",
-    )
+    what = title.removesuffix(" unreachable")
+    return Condition(key, down, Severity.CRITICAL, title,
+                     f"The monitor cannot reach {what} ({reason}): {consequence}", runbook=runbook)
+
+
+def postgres_state() -> Iterator[Condition]:
+    """PostgreSQL unreachable: the `database` rule's probe then fails and yields nothing (so
+    "unknown" never resolves), which left an outage of the source of truth without any alert."""
+    yield _unreachable(check_postgres, "postgres-down", "PostgreSQL unreachable",
+                       "jobs fail and retry, the relay pauses, nothing new is applied until it is back.",
+                       "postgresql-unreachable")
 
 
 def redis_reachable() -> Iterator[Condition]:
@@ -133,18 +136,9 @@ def redis_reachable() -> Iterator[Condition]:
     the other Redis rules cannot evaluate and yield nothing, so this one names the outage. Its
     alert is sent without Redis's dedup (each monitor replica's own cooldown) and resolved once
     Redis answers again (worker.alerts remembers it locally)."""
-
-    try:
-        check_redis()
-        down, reason = False, ""
-    except Exception as error:
-        down, reason = True, type(error).__name__
-    yield Condition(
-        "redis-down", down, Severity.CRITICAL, "Redis unreachable",
-        f"The monitor cannot reach Redis ({reason}): no job is delivered until it is back; the "
-        "outbox keeps every job in PostgreSQL and the relay sends them again.",
-        runbook="redis-unreachable",
-    )
+    yield _unreachable(check_redis, "redis-down", "Redis unreachable",
+                       "no job is delivered until it is back; the outbox keeps every job in PostgreSQL "
+                       "and the relay sends them again.", "redis-unreachable")
 
 
 def database() -> Iterator[Condition]:
