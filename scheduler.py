@@ -39,7 +39,7 @@ from prometheus_client import (
 from psycopg.rows import dict_row
 
 import jobs
-from db.pool import Conn, database_url, one_row, transaction
+from db.pool import Conn, connection_options, database_url, one_row, transaction
 from jobs.schedules import OSLO, SCHEDULES, Schedule
 from worker import alerts
 from worker.process import start_process
@@ -180,16 +180,8 @@ class Leadership:
                 self._drop()
                 return False
         try:
-            conn = psycopg.connect(
-                self.conninfo,
-                autocommit=True,
-                row_factory=dict_row,
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
-                connect_timeout=5,
-            )
+            conn = psycopg.connect(self.conninfo, autocommit=True, row_factory=dict_row,
+                                   **connection_options(self.conninfo))
         except psycopg.Error as error:
             log.warning("cannot reach PostgreSQL for the scheduler lease: %s", type(error).__name__)
             return False

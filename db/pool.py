@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
@@ -28,6 +29,28 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 class PoolConfig:
     database_url: str | None
     max_size: int
+    connect_timeout_s: int = 5
+    statement_timeout_ms: int = 30_000
+
+
+def connection_options(url: str, config: PoolConfig | None = None) -> dict[str, Any]:
+    """Options for every connection drop-worker opens: bounded connects, TCP keepalives (a
+    vanished server or a network cut is noticed in ~25 s, not after the kernel's 2 h) and a
+    statement timeout (no statement holds a connection and its locks for ever). What the URL
+    sets itself wins; its own `options` are kept. With a multi-host URL
+    (`postgresql://h1,h2/db?target_session_attrs=read-write`) libpq tries each host in turn
+    and keeps the writable one, so a failover to a second address needs no restart."""
+
+    config = config or _config()
+    given = conninfo_to_dict(url)
+    options: dict[str, Any] = {
+        "connect_timeout": config.connect_timeout_s, "keepalives": 1, "keepalives_idle": 10,
+        "keepalives_interval": 5, "keepalives_count": 3,
+    }
+    options = {k: v for k, v in options.items() if k not in given}
+    if "statement_timeout" not in str(given.get("options", "")):
+        options["options"] = f"{given.get('options', '')} -c statement_timeout={config.statement_timeout_ms}".strip()
+    return options
 
 
 # Every connection drop-worker opens returns rows as dicts.
@@ -65,11 +88,12 @@ def get_pool() -> ConnectionPool[Conn]:
     with _lock:
         if _pool is None or _pool_pid != os.getpid():
             # A pool inherited through fork shares sockets with the parent: start a fresh one.
+            url = database_url()
             _pool = ConnectionPool(
-                database_url(),
+                url,
                 min_size=1,
                 max_size=_config().max_size,
-                kwargs={"row_factory": dict_row},
+                kwargs={"row_factory": dict_row, **connection_options(url)},
                 check=ConnectionPool.check_connection,
                 timeout=10,
                 name="drop-worker",
@@ -104,7 +128,8 @@ def transaction() -> Iterator[Conn]:
 
 def connect(**kwargs: Any) -> Conn:
     """A dedicated connection outside the pool (LISTEN, advisory-lock leases, migrations)."""
-    return psycopg.connect(database_url(), row_factory=dict_row, **kwargs)
+    url = database_url()
+    return psycopg.connect(url, row_factory=dict_row, **{**connection_options(url), **kwargs})
 
 
 # --- async: one pool per (process, event loop, database URL) ---------------------------------
@@ -120,7 +145,7 @@ async def _open_async_pool(url: str, name: str) -> AsyncConnectionPool[AsyncConn
     # Autocommit: each statement is one transaction and one round trip.
     pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
         url, min_size=1, max_size=ASYNC_POOL_SIZE, open=False, timeout=30, name=name,
-        kwargs={"autocommit": True, "row_factory": dict_row},
+        kwargs={"autocommit": True, "row_factory": dict_row, **connection_options(url)},
     )
     await pool.open()
     return pool

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # has not beaten for this long (worker.pool).
     relay_silent_limit_s: float = Field(default=90.0, ge=3, le=3600, validation_alias="DROP_RELAY_SILENT_LIMIT_S")
     db_pool_max_size: int = Field(default=10, ge=1, le=200, validation_alias="DROP_DB_POOL_MAX_SIZE")
+    # Every PostgreSQL connection (db.pool.connection_options): a connect gives up after this
+    # long (then the next host of a multi-host URL is tried), a statement after this long.
+    db_connect_timeout_s: int = Field(default=5, ge=1, le=120, validation_alias="DROP_DB_CONNECT_TIMEOUT_S")
+    db_statement_timeout_ms: int = Field(default=30_000, ge=100, le=3_600_000,
+                                         validation_alias="DROP_DB_STATEMENT_TIMEOUT_MS")
     log_level: str = Field(default="INFO", validation_alias="DROP_LOG_LEVEL")
 
     # Provider layer (worker.breaker, worker.providers, sandbox). Tests shorten the breaker times.
@@ -242,7 +247,8 @@ def load_settings() -> Settings:
 
 def _pool_config() -> PoolConfig:
     settings = get_settings()
-    return PoolConfig(settings.database_url, settings.db_pool_max_size)
+    return PoolConfig(settings.database_url, settings.db_pool_max_size, settings.db_connect_timeout_s,
+                      settings.db_statement_timeout_ms)
 
 
 db.pool.configure(_pool_config)  # db/ is below settings: it is told where its settings come from
