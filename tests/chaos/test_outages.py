@@ -27,6 +27,17 @@ def done_count(sql) -> int:
     return sql("SELECT count(*) AS n FROM job_outbox WHERE done_at IS NOT NULL")[0]["n"]
 
 
+def sql_at(url: str):
+    """A `sql(query, params)` helper for a private server (the `sql` fixture is the shared one's)."""
+
+    def sql(query, params=None):
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    return sql
+
+
 def workload_done(sql) -> int:
     """Done rows of the workload (a running scheduler adds rows of its own)."""
     return sql(f"SELECT count(*) AS n FROM {workload.WORKLOAD_ROWS} AND done_at IS NOT NULL")[0]["n"]
@@ -90,12 +101,7 @@ def test_postgres_restart_mid_run_loses_nothing_and_alerts(sandbox, procs, captu
     pg = PrivatePostgres()
     try:
         migrate(pg.url)
-
-        def sql(query, params=None):
-            with psycopg.connect(pg.url, autocommit=True, row_factory=dict_row) as conn:
-                cur = conn.execute(query, params)
-                return cur.fetchall() if cur.description else []
-
+        sql = sql_at(pg.url)
         w = workload.build(pg.url, sandbox, capture.seeds, kyc=scaled(200), payments=scaled(60),
                            accounts=scaled(60), spread_s=15)
         capture.bodies += w.bodies
@@ -151,12 +157,7 @@ def test_postgres_failover_to_a_second_address_through_a_multi_host_url(sandbox,
     url = f"postgresql://postgres@127.0.0.1:{first},127.0.0.1:{second}/postgres?target_session_attrs=read-write"
     try:
         migrate(pg.url)
-
-        def sql(query, params=None):
-            with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-                cur = conn.execute(query, params)
-                return cur.fetchall() if cur.description else []
-
+        sql = sql_at(url)
         w = workload.build(pg.url, sandbox, capture.seeds, kyc=scaled(200), payments=scaled(60),
                            accounts=scaled(60), spread_s=15)
         capture.bodies += w.bodies
