@@ -48,8 +48,16 @@ def connection_options(url: str, config: PoolConfig | None = None) -> dict[str, 
         "keepalives_interval": 5, "keepalives_count": 3,
     }
     options = {k: v for k, v in options.items() if k not in given}
-    if "statement_timeout" not in str(given.get("options", "")):
-        options["options"] = f"{given.get('options', '')} -c statement_timeout={config.statement_timeout_ms}".strip()
+    # Server side: the backend of a client that vanished (a host cut off the network) is ended
+    # within ~11 s by keepalives, and with it the row locks and advisory locks (the scheduler's
+    # lease) it held; a transaction left idle (a provider call is bounded by 30 s) after 2 min.
+    server = {"statement_timeout": config.statement_timeout_ms, "tcp_keepalives_idle": 5,
+              "tcp_keepalives_interval": 2, "tcp_keepalives_count": 3,
+              "idle_in_transaction_session_timeout": 120_000}
+    own = str(given.get("options", ""))
+    extra = " ".join(f"-c {name}={value}" for name, value in server.items() if name not in own)
+    if extra:
+        options["options"] = f"{own} {extra}".strip()
     return options
 
 

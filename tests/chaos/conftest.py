@@ -282,9 +282,10 @@ class PrivatePostgres:
     as pgserver's unprivileged `pgserver` user, like pgserver itself does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, listen: str = "127.0.0.1", server_options: str = "") -> None:
         from pgserver._commands import initdb
 
+        self.listen, self.server_options = listen, server_options
         self.user = None
         self.dir = Path(tempfile.mkdtemp(prefix="drop-chaos-pg-"))
         self.dir.chmod(0o755)
@@ -311,8 +312,8 @@ class PrivatePostgres:
     def start(self) -> None:
         from pgserver._commands import pg_ctl
 
-        pg_ctl(["-w", "-t", "60", "-o", f"-h 127.0.0.1 -p {self.port} -k {self.dir}", "-l", str(self.dir / "log"),
-                "start"], pgdata=self.data, user=self.user, timeout=90)
+        pg_ctl(["-w", "-t", "60", "-o", f"-h {self.listen} -p {self.port} -k {self.dir} {self.server_options}",
+                "-l", str(self.dir / "log"), "start"], pgdata=self.data, user=self.user, timeout=90)
 
     def stop(self, mode: str = "immediate") -> None:
         from pgserver._commands import pg_ctl

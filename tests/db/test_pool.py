@@ -16,7 +16,9 @@ def test_pooled_connections_carry_a_statement_timeout_keepalives_and_keep_the_ur
         assert conn.execute("SHOW search_path").fetchone()["search_path"].startswith("test_")
     options = connection_options("postgresql://h1,h2/db?target_session_attrs=read-write&options=-c%20work_mem%3D8MB")
     assert options["keepalives"] == 1 and options["connect_timeout"] == 5
-    assert options["options"] == "-c work_mem=8MB -c statement_timeout=30000"
+    assert options["options"] == ("-c work_mem=8MB -c statement_timeout=30000 -c tcp_keepalives_idle=5 "
+                                  "-c tcp_keepalives_interval=2 -c tcp_keepalives_count=3 "
+                                  "-c idle_in_transaction_session_timeout=120000")
     assert "connect_timeout" not in connection_options("postgresql://h/db?connect_timeout=2")
 
 
