@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit lint chaos bench clean
+.PHONY: install run test test-unit lint chaos cluster bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "drop-worker needs Python 3.11+")'
@@ -49,3 +49,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache
+
+# Three hosts in network namespaces (root, iproute2, redis-server): a host cut off, the scheduler
+# leader's host cut, a host SIGKILLed. ~12 minutes; figures in the output (docs/reliability.md).
+cluster: install
+	DROP_CLUSTER=1 $(BIN)/python -m pytest tests/cluster -q -s -p no:cacheprovider

@@ -282,7 +282,8 @@ class PrivatePostgres:
     as pgserver's unprivileged `pgserver` user, like pgserver itself does.
     """
 
-    def __init__(self, listen: str = "127.0.0.1", server_options: str = "") -> None:
+    def __init__(self, listen: str = "127.0.0.1", server_options: str = "", trust_network: str = "") -> None:
+        """`trust_network`: a CIDR whose clients are trusted too (the cluster suite's bridge)."""
         from pgserver._commands import initdb
 
         self.listen, self.server_options = listen, server_options
@@ -303,6 +304,9 @@ class PrivatePostgres:
         self.port = free_port()
         initdb(["--auth=trust", "--auth-local=trust", "-U", "postgres", "-E", "UTF8"], pgdata=self.data,
                user=self.user, timeout=120)
+        if trust_network:
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {trust_network} trust\n")
         self.start()
 
     @property
