@@ -8,6 +8,7 @@ import pytest
 
 from .conftest import PASSWORDS, PERSON, csrf_of, log_in
 
+
 def viewer_csrf(cookie: str) -> str:
     import hashlib
     import json
@@ -146,8 +147,9 @@ def test_an_operator_action_without_the_csrf_token_is_403(console, seed_dead_let
     assert operator.post("/console/dead-letters/replay", data={"id": str(dead["id"])}).status_code == 403
     assert operator.post("/console/dead-letters/replay",
                          data={"id": str(dead["id"]), "csrf_token": "not-the-token"}).status_code == 403
+    token = csrf_of(operator.get("/console/dead-letters").text)
     cross_site = operator.post("/console/dead-letters/replay", headers={"Origin": "https://evil.example"},
-                               data={"id": str(dead["id"]), "csrf_token": csrf_of(operator.get("/console/dead-letters").text)})
+                               data={"id": str(dead["id"]), "csrf_token": token})
     assert cross_site.status_code == 403
     assert sql("SELECT replayed_at FROM dead_letters WHERE id = %s", (dead["id"],))[0]["replayed_at"] is None
 
