@@ -38,7 +38,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer the browser sends "Origin: null" on our own
+    # form posts, and the Origin check below could no longer tell them from a cross-site post.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 NAV = [("/console/", "Overview"), ("/console/jobs", "Jobs"), ("/console/dead-letters", "Dead letters"),
@@ -225,6 +227,8 @@ def _selection(form: Mapping[str, Any]) -> tuple[list[int] | None, pages.DeadLet
 
 def _back(form: Mapping[str, Any], done: str, n: int) -> web.HTTPSeeOther:
     back = _next_path(str(form.get("back") or "/console/dead-letters"))
+    if done == "purged" and back.startswith("/console/dead-letters/"):
+        back = "/console/dead-letters"  # the detail page of a purged dead letter is gone
     sep = "&" if "?" in back else "?"
     return web.HTTPSeeOther(f"{back}{sep}{urlencode({'done': done, 'n': n})}")
 

@@ -116,7 +116,7 @@ def test_security_headers_on_every_console_answer(console):
         csp = response.headers["content-security-policy"]
         assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
         assert response.headers["x-content-type-options"] == "nosniff"
-        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["referrer-policy"] == "same-origin"
     overview = client.get("/console/").text
     assert "<script>" not in overview and "<script src=\"/console/static/console.js\"" in overview
 
