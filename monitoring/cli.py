@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.set_defaults(func=cmd_dlq)
 
     console = _parser(sub, "console", "the operations console (docs/console.md): hash a user's password")
-    csub = console.add_subparsers(dest="console_command", required=True, metavar="ACTION")
+    csub = console.add_subparsers(dest="console_command", required=True, metavar="ACTION",
+                                  help="hash-password: a hash for DROP_CONSOLE_USERS")
     csub.add_parser("hash-password", help="read a password from standard input, print its hash for DROP_CONSOLE_USERS")
     console.set_defaults(func=cmd_console)
 
