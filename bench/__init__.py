@@ -6,4 +6,5 @@ BENCHMARKS = {
     "report": ("bench.report", "everything above in one run: table, docs/benchmarks.md, docs/benchmarks.png"),
     "relay_memory": ("bench.relay_memory", "relay RSS before/peak/after relaying rows at the 2 MiB size limit"),
     "kyc": ("bench.kyc", "KYC webhooks vs the Dramatiq no-op limit and vs Celery; latency, soak, profile"),
+    "console": ("bench.console", "console page render times (overview, dead-letter search, jobs), 100k outbox rows"),
 }

@@ -139,7 +139,13 @@ def record_dead_letter(conn: Conn, *, message_id: str, job: str, queue: str, mes
                      (f"{DEAD_LETTERED}{reason}", outbox_id))
 
 
-def _open_filter(ids: Sequence[int] | None, job: str | None) -> tuple[str, list[Any]]:
+def _like_prefix(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _open_filter(ids: Sequence[int] | None, job: str | None,
+                 reason: str | None = None) -> tuple[str, list[Any]]:
+    """Open dead letters: these ids (None: any), of this job, whose reason contains `reason`."""
     clauses: list[str] = ["replayed_at IS NULL"]
     params: list[Any] = []
     if ids is not None:
@@ -148,16 +154,30 @@ def _open_filter(ids: Sequence[int] | None, job: str | None) -> tuple[str, list[
     if job:
         clauses.append("job = %s")
         params.append(job)
+    if reason:
+        clauses.append("reason ILIKE %s")
+        params.append(f"%{_like_prefix(reason)}%")
     return " AND ".join(clauses), params
 
 
-def list_dead_letters(conn: Conn, *, limit: int, job: str | None) -> list[dict[str, Any]]:
-    where, params = _open_filter(None, job)
+def list_dead_letters(conn: Conn, *, limit: int, job: str | None, reason: str | None = None,
+                      after: tuple[datetime, int] | None = None) -> list[dict[str, Any]]:
+    """Open dead letters, newest failure first; `after` (failed_at, id) of the last row seen
+    pages on (keyset: as fast on the last page as on the first)."""
+    where, params = _open_filter(None, job, reason)
+    if after is not None:
+        where += " AND (failed_at, id) < (%s, %s)"
+        params += list(after)
     return conn.execute(
-        f"SELECT id, job, queue_name, reason, retries, failed_at, outbox_id FROM dead_letters "
-        f"WHERE {where} ORDER BY failed_at DESC LIMIT %s",
+        f"SELECT id, job, queue_name, reason, retries, failed_at, first_failed_at, outbox_id FROM dead_letters "
+        f"WHERE {where} ORDER BY failed_at DESC, id DESC LIMIT %s",
         [*params, limit],
     ).fetchall()
+
+
+def count_open_dead_letters(conn: Conn, *, job: str | None, reason: str | None = None) -> int:
+    where, params = _open_filter(None, job, reason)
+    return int(one_row(conn.execute(f"SELECT count(*) AS n FROM dead_letters WHERE {where}", params).fetchone())["n"])
 
 
 def get_dead_letter(conn: Conn, dead_letter_id: int) -> dict[str, Any] | None:
@@ -165,8 +185,8 @@ def get_dead_letter(conn: Conn, dead_letter_id: int) -> dict[str, Any] | None:
 
 
 def lock_open_dead_letters(conn: Conn, ids: Sequence[int] | None,
-                           job: str | None) -> list[dict[str, Any]]:
-    where, params = _open_filter(ids, job)
+                           job: str | None, reason: str | None = None) -> list[dict[str, Any]]:
+    where, params = _open_filter(ids, job, reason)
     return conn.execute(f"SELECT * FROM dead_letters WHERE {where} ORDER BY id FOR UPDATE SKIP LOCKED",
                         params).fetchall()
 
@@ -189,10 +209,10 @@ PURGED = "purged: "  # … and once on-call purged that dead letter (the row kee
 
 
 def delete_open_dead_letters(conn: Conn, ids: Sequence[int] | None,
-                             job: str | None) -> list[dict[str, Any]]:
+                             job: str | None, reason: str | None = None) -> list[dict[str, Any]]:
     """Purge: the dead letters go, their outbox rows say so (no view still shows the failure)."""
-    where, params = _open_filter(ids, job)
-    rows = conn.execute(f"DELETE FROM dead_letters WHERE {where} RETURNING queue_name, message, outbox_id",
+    where, params = _open_filter(ids, job, reason)
+    rows = conn.execute(f"DELETE FROM dead_letters WHERE {where} RETURNING id, queue_name, message, outbox_id",
                         params).fetchall()
     outbox_ids = [r["outbox_id"] for r in rows if r["outbox_id"] is not None]
     if outbox_ids:
@@ -258,3 +278,92 @@ def status(conn: Conn) -> dict[str, Any]:
                       AS oldest_pending_s
              FROM job_outbox"""
     ).fetchone())
+
+
+# --- the console's search (monitoring/console) ---------------------------------------------
+
+# A row's state, as the console names it: waiting for the relay, sent to the broker, done, or
+# closed with an error (dead-lettered, purged, or rejected by the relay).
+STATES: dict[str, str] = {
+    "pending": "done_at IS NULL AND error IS NULL AND relayed_at IS NULL",
+    "relayed": "done_at IS NULL AND error IS NULL AND relayed_at IS NOT NULL",
+    "done": "done_at IS NOT NULL",
+    "error": "done_at IS NULL AND error IS NOT NULL",
+}
+_STATE_OF_ROW = ("CASE WHEN done_at IS NOT NULL THEN 'done' WHEN error IS NOT NULL THEN 'error' "
+                 "WHEN relayed_at IS NOT NULL THEN 'relayed' ELSE 'pending' END AS state")
+# Payload keys only, computed in PostgreSQL: payload values never leave the database.
+_PAYLOAD_KEYS = ("CASE WHEN jsonb_typeof(payload) = 'object' THEN ARRAY(SELECT jsonb_object_keys(payload) ORDER BY 1)"
+                 " ELSE '{}'::text[] END AS payload_keys")
+_JOB_COLUMNS = ("id, job, idempotency_key, created_at, available_at, relayed_at, relay_count, done_at, error, "
+                + _STATE_OF_ROW)
+
+
+def search(conn: Conn, *, job: str | None = None, state: str | None = None, key_prefix: str | None = None,
+           created_from: datetime | None = None, created_to: datetime | None = None,
+           before_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Outbox rows matching every filter given, newest first; `before_id` (the last id seen)
+    pages on by keyset, so the hundredth page costs what the first does."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if job:
+        clauses.append("job = %s")
+        params.append(job)
+    if state:
+        clauses.append(STATES[state])
+    if key_prefix:
+        clauses.append("idempotency_key LIKE %s")
+        params.append(_like_prefix(key_prefix) + "%")
+    if created_from is not None:
+        clauses.append("created_at >= %s")
+        params.append(created_from)
+    if created_to is not None:
+        clauses.append("created_at < %s")
+        params.append(created_to)
+    if before_id is not None:
+        clauses.append("id < %s")
+        params.append(before_id)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    return conn.execute(f"SELECT {_JOB_COLUMNS} FROM job_outbox {where} ORDER BY id DESC LIMIT %s",
+                        [*params, limit]).fetchall()
+
+
+def get_row(conn: Conn, outbox_id: int) -> dict[str, Any] | None:
+    """One outbox row's lifecycle and payload keys (never its payload)."""
+    return conn.execute(f"SELECT {_JOB_COLUMNS}, {_PAYLOAD_KEYS} FROM job_outbox WHERE id = %s",
+                        (outbox_id,)).fetchone()
+
+
+def job_names(conn: Conn) -> list[str]:
+    """Job names present in the outbox (a loose index scan on job_outbox_job_idx: one probe per name)."""
+    return [r["job"] for r in conn.execute(
+        """WITH RECURSIVE names AS (
+               (SELECT job FROM job_outbox ORDER BY job LIMIT 1)
+               UNION ALL
+               SELECT (SELECT job FROM job_outbox WHERE job > names.job ORDER BY job LIMIT 1) FROM names
+                WHERE names.job IS NOT NULL)
+           SELECT job FROM names WHERE job IS NOT NULL"""
+    ).fetchall()]
+
+
+def outcomes_per_minute(conn: Conn, minutes: int = 60) -> list[dict[str, Any]]:
+    """Per minute of the last `minutes`: outbox rows done, and jobs dead-lettered (failed for good)."""
+    return conn.execute(
+        """WITH m AS (SELECT generate_series(date_trunc('minute', now()) - make_interval(mins => %(n)s - 1),
+                                             date_trunc('minute', now()), interval '1 minute') AS minute),
+                d AS (SELECT date_trunc('minute', done_at) AS minute, count(*) AS n FROM job_outbox
+                       WHERE done_at >= date_trunc('minute', now()) - make_interval(mins => %(n)s - 1) GROUP BY 1),
+                f AS (SELECT date_trunc('minute', failed_at) AS minute, count(*) AS n FROM dead_letters
+                       WHERE failed_at >= date_trunc('minute', now()) - make_interval(mins => %(n)s - 1) GROUP BY 1)
+           SELECT m.minute, COALESCE(d.n, 0) AS done, COALESCE(f.n, 0) AS failed
+             FROM m LEFT JOIN d USING (minute) LEFT JOIN f USING (minute) ORDER BY m.minute""",
+        {"n": minutes},
+    ).fetchall()
+
+
+def states(conn: Conn, ids: Sequence[int]) -> dict[int, str]:
+    """Each given outbox row's state (see STATES); a pruned row is absent."""
+    if not ids:
+        return {}
+    rows = conn.execute(f"SELECT id, {_STATE_OF_ROW} FROM job_outbox WHERE id = ANY(%s)", (list(ids),)).fetchall()
+    return {int(r["id"]): r["state"] for r in rows}

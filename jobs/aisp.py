@@ -36,6 +36,7 @@ from dramatiq.middleware import CurrentMessage
 from prometheus_client import Counter
 from psycopg.types.json import Jsonb
 
+from db import audit as audit_log
 from db import outbox
 from db.outbox import INTERNAL_PRODUCER_CTE
 from db.pool import close_async_pool, get_async_pool, one_row, transaction  # noqa: F401  (close_async_pool: for callers)
@@ -307,7 +308,7 @@ async def record_failure(row: dict[str, Any], read_id: int, bank_account_id: str
 async def _audit(conn: Any, user_id: str | None, action: str, bank_account_id: str, request_id: str,
                  initiated_by: str, **details: Any) -> None:
     await conn.execute(
-        "INSERT INTO audit_log (user_id, action, details) VALUES (%s, %s, %s)",
+        audit_log.INSERT,
         (user_id, action, Jsonb({"bank_account_id": bank_account_id, "request_id": request_id,
                                  "initiated_by": initiated_by, **details})),
     )

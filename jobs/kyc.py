@@ -28,6 +28,7 @@ from dramatiq.middleware import CurrentMessage
 from prometheus_client import Counter
 from psycopg.types.json import Jsonb
 
+from db import audit
 from db.pool import Conn, transaction
 from jobs import enqueue_internal
 from jobs.kyc_rules import (
@@ -91,8 +92,7 @@ AML_CHECKS = Counter(
 
 
 def _audit(conn: Conn, user_id: str | None, action: str, details: dict[str, Any]) -> None:
-    conn.execute("INSERT INTO audit_log (user_id, action, details) VALUES (%s, %s, %s)",
-                 (user_id, action, Jsonb(details)))
+    audit.record(conn, action, details, user_id=user_id)
 
 
 def _event_details(event: Event) -> dict[str, Any]:

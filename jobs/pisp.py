@@ -26,9 +26,9 @@ from typing import Any
 
 import psycopg
 from prometheus_client import Counter, Histogram
-from psycopg.types.json import Jsonb
 
 import jobs
+from db import audit as audit_log
 from db.pool import Conn, transaction
 from jobs import payments as rules
 from jobs.registry import registry
@@ -140,8 +140,7 @@ def notify(conn: Conn, user_id: str, kind: str, message: str) -> None:
 def audit(conn: Conn, row: dict[str, Any], action: str, details: dict[str, Any]) -> None:
     # Ids, codes and amounts only: no personal data in audit details.
     body = {"transaction_id": row["id"], "payment_id": row["payment_id"], "request_id": request_id(), **details}
-    conn.execute("INSERT INTO audit_log (user_id, action, details) VALUES (%s, %s, %s)",
-                 (row["user_id"], action, Jsonb(body)))
+    audit_log.record(conn, action, body, user_id=row["user_id"])
 
 
 def _lock_account(conn: Conn, account_id: str) -> dict[str, Any] | None:

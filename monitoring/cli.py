@@ -6,11 +6,13 @@ drop-jobs enqueue NAME JSON    enqueue a job through the outbox
 drop-jobs status [--json]      queues, dead letters, breakers, scheduler, outbox at a glance
 drop-jobs dlq list|show|replay|purge
 drop-jobs demo                 load demo data and enqueue demo jobs
+drop-jobs console hash-password  a password (standard input) → a hash for DROP_CONSOLE_USERS
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import socket
@@ -32,6 +34,7 @@ from db.migrate import migrate
 from db.pool import database_url
 from monitoring import demo
 from monitoring import status as status_view
+from monitoring.console.auth import hash_password
 from worker import dlq
 from worker.embedded import EmbeddedUnavailable, ensure_services
 from worker.logs import setup_logging
@@ -144,6 +147,23 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         print(f"purged {count} dead letter(s)")
         return 0
     return 2
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """`console hash-password`: the password from standard input (typed twice on a terminal,
+    never echoed; else its first line), its Argon2id hash on standard output."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("console password: ")
+        if getpass.getpass("again: ") != password:
+            print("the two passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if len(password) < 12:
+        print("a console password needs at least 12 characters", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -309,6 +329,11 @@ The payload is checked against the job's parameters first; a refusal names the f
   drop-jobs dlq show 17              reason (scrubbed), retries, payload keys (never values)
   drop-jobs dlq replay 17 18         or: drop-jobs dlq replay --all --job kyc.sumsub_webhook
   drop-jobs dlq purge 17 --yes       delete for good (the outbox row keeps its outcome)""",
+    "console": """examples:
+  drop-jobs console hash-password    type the password twice; prints the HASH of name:role:HASH
+  printf '%s\\n' "$PASSWORD" | drop-jobs console hash-password
+
+Then DROP_CONSOLE_USERS='kari:operator:HASH,ola:viewer:HASH' (single quotes: the hash has '$').""",
     "demo": """examples:
   drop-jobs demo                     demo users, accounts and payments, with progress
   drop-jobs demo --no-watch          enqueue and return""",
@@ -362,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "purge":
             p.add_argument("--yes", action="store_true", help="confirm: purged dead letters cannot be replayed")
     dlq.set_defaults(func=cmd_dlq)
+
+    console = _parser(sub, "console", "the operations console (docs/console.md): hash a user's password")
+    csub = console.add_subparsers(dest="console_command", required=True, metavar="ACTION",
+                                  help="hash-password: a hash for DROP_CONSOLE_USERS")
+    csub.add_parser("hash-password", help="read a password from standard input, print its hash for DROP_CONSOLE_USERS")
+    console.set_defaults(func=cmd_console)
 
     demo = _parser(sub, "demo", "load demo data and enqueue demo jobs (DROP_ENV=development only)")
     demo.add_argument("--no-watch", action="store_true", help="enqueue and return without printing progress")

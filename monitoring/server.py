@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from monitoring import rules
+from monitoring import console, rules
 from monitoring.health import run_checks
 from monitoring.metrics import REGISTRY
 from worker import alerts
@@ -72,6 +72,7 @@ class MonitorServer:
         app["pool"] = self._pool
         app.router.add_get("/v1/health", _health)
         app.router.add_get("/metrics", _metrics)
+        console.install(app)  # /console, only when DROP_CONSOLE_USERS is set
         app.router.add_route("*", "/{tail:.*}", _not_found)
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S,
                                      max_field_size=8190, max_line_size=8190, max_headers=32)
@@ -108,7 +109,8 @@ def main() -> int:
     run = start_process("monitor")
     settings = run.settings
     server = serve(settings.monitor_host, settings.monitor_port)
-    log.info("monitor listening on http://%s:%d (/v1/health, /metrics)", settings.monitor_host, settings.monitor_port)
+    log.info("monitor listening on http://%s:%d (/v1/health, /metrics%s)", settings.monitor_host, settings.monitor_port,
+             ", /console" if settings.console_users else "")
     rules.start(run.stop, settings.monitor_eval_interval_s)
     alerts.process_started("monitor", f"drop-monitor is up (alert rules every {settings.monitor_eval_interval_s:g} s).")
     run.stop.wait()

@@ -33,3 +33,9 @@ def test_building_the_package_prints_no_warnings_and_ships_the_migrations(tmp_pa
     shipped = sorted(n.removeprefix("db/migrations/") for n in names if n.startswith("db/migrations/"))
     assert shipped == sorted(p.name for p in (ROOT / "db" / "migrations").glob("*.sql"))
     assert "worker/providers/neonomics.py" in names and "scheduler.py" in names
+    # the console's templates and its static files (CSS, the one script) ship with it
+    console = ROOT / "monitoring" / "console"
+    for kind in ("templates", "static"):
+        expected = sorted(p.name for p in (console / kind).iterdir())
+        assert expected and sorted(n.rsplit("/", 1)[1] for n in names
+                                   if n.startswith(f"monitoring/console/{kind}/")) == expected, kind

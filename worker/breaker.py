@@ -473,3 +473,9 @@ def refresh_gauges() -> dict[str, BreakerStatus]:
     for name, status in statuses.items():
         set_gauges(name, status.state)
     return statuses
+
+
+def recent_transitions(limit: int = 50) -> list[dict[str, str]]:
+    """The newest breaker transitions, newest first, from the events stream EventPublisher writes."""
+    entries: Any = get_redis().xrevrange(events_key(), count=limit)
+    return [{_s(k): _s(v) for k, v in (fields or {}).items()} for _, fields in entries or []]

@@ -7,21 +7,32 @@ idempotency key; any other message is re-enqueued with its retry count reset.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import dramatiq
 
+from db import audit as audit_log
 from db import outbox
-from db.pool import transaction
+from db.audit import Audit
+from db.pool import Conn, transaction
 from worker import dramatiq_redis
 from worker.pii import scrub_text
 from worker.redis_client import get_redis
 from worker.settings import get_settings
 
 
-def list_dead_letters(*, limit: int = 50, job: str | None = None) -> list[dict]:
+def list_dead_letters(*, limit: int = 50, job: str | None = None, reason: str | None = None,
+                      after: tuple[datetime, int] | None = None) -> list[dict]:
+    """Open dead letters, newest first; `reason` matches part of the reason, `after` pages on."""
     with transaction() as conn:
-        return outbox.list_dead_letters(conn, limit=limit, job=job)
+        return outbox.list_dead_letters(conn, limit=limit, job=job, reason=reason, after=after)
+
+
+def count_dead_letters(*, job: str | None = None, reason: str | None = None) -> int:
+    """How many open dead letters a filter matches (what "replay all matching" would touch)."""
+    with transaction() as conn:
+        return outbox.count_open_dead_letters(conn, job=job, reason=reason)
 
 
 def get_dead_letter(dead_letter_id: int) -> dict | None:
@@ -38,6 +49,8 @@ def describe(row: dict) -> dict:
         "queue": row["queue_name"],
         "reason": scrub_text(row["reason"] or ""),  # rows stored before reasons were scrubbed
         "retries": row["retries"],
+        "attempts": row["retries"] + 1,
+        "first_failed_at": row.get("first_failed_at"),
         "failed_at": row["failed_at"],
         "outbox_id": row["outbox_id"],
         "message_id": row["message_id"],
@@ -46,14 +59,27 @@ def describe(row: dict) -> dict:
     }
 
 
-def replay(ids: list[int] | None, *, job: str | None = None, broker: dramatiq.Broker | None = None) -> int:
+def _audit(conn: Conn, audit: Audit | None, rows: list[dict]) -> None:
+    """The audit row of an operator's action, in the action's transaction: ids, never payloads."""
+    if audit is not None:
+        audit_log.record(conn, audit.action, {
+            **audit.details,
+            "count": len(rows),
+            "dead_letter_ids": [r["id"] for r in rows],
+            "outbox_ids": [r["outbox_id"] for r in rows if r["outbox_id"] is not None],
+        })
+
+
+def replay(ids: list[int] | None, *, job: str | None = None, reason: str | None = None,
+           broker: dramatiq.Broker | None = None, audit: Audit | None = None) -> int:
     """Send dead letters again: a job from the outbox by reopening its row (same idempotency
     key), any other message re-enqueued with its retry count reset. Dramatiq's Redis copy of
-    each replayed message goes too: no view keeps showing a failure that was dealt with."""
+    each replayed message goes too: no view keeps showing a failure that was dealt with.
+    `audit`: the action is recorded in audit_log with the ids replayed, in the same transaction."""
     count = 0
     replayed: list[dict] = []
     with transaction() as conn:
-        for row in outbox.lock_open_dead_letters(conn, ids, job):
+        for row in outbox.lock_open_dead_letters(conn, ids, job, reason):
             replayed.append(row)
             if row["outbox_id"] is not None and outbox.reopen(conn, row["outbox_id"]):
                 outbox.mark_replayed(conn, row["id"])
@@ -73,6 +99,7 @@ def replay(ids: list[int] | None, *, job: str | None = None, broker: dramatiq.Br
             (broker or dramatiq_redis.global_broker()).enqueue(message)
             outbox.mark_replayed(conn, row["id"])
             count += 1
+        _audit(conn, audit, replayed)
     _drop_redis_copies(replayed)
     return count
 
@@ -86,9 +113,11 @@ def _drop_redis_copies(rows: list[dict]) -> None:
             dramatiq_redis.drop_dead_message(client, ns, row["queue_name"], redis_id)
 
 
-def purge(ids: list[int] | None, *, job: str | None = None) -> int:
+def purge(ids: list[int] | None, *, job: str | None = None, reason: str | None = None,
+          audit: Audit | None = None) -> int:
     """Delete dead letters (PostgreSQL and Dramatiq's Redis dead-letter set)."""
     with transaction() as conn:
-        rows = outbox.delete_open_dead_letters(conn, ids, job)
+        rows = outbox.delete_open_dead_letters(conn, ids, job, reason)
+        _audit(conn, audit, rows)
     _drop_redis_copies(rows)
     return len(rows)

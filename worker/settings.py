@@ -8,7 +8,9 @@ validates and, on a problem, exits with one line naming the variable (never its 
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -107,6 +109,24 @@ class Settings(BaseSettings):
     error_spike_threshold: int = Field(default=5, ge=1, le=100_000, validation_alias="DROP_ERROR_SPIKE_THRESHOLD")
     slack_min_interval_s: float = Field(default=1.0, ge=0, le=60, validation_alias="DROP_SLACK_MIN_INTERVAL_S")
 
+    # The operations console (monitoring/console, docs/console.md): off (404) while unset.
+    console_users_raw: SecretStr | None = Field(default=None, validation_alias="DROP_CONSOLE_USERS")
+    # A console session ends after this long without a request, and after 12 h whatever happens.
+    console_session_idle_s: int = Field(default=1800, ge=60, le=43_200, validation_alias="DROP_CONSOLE_SESSION_IDLE_S")
+
+    @field_validator("console_users_raw")
+    @classmethod
+    def _console_users(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip():
+            parse_console_users(value.get_secret_value())
+        return value
+
+    @property
+    def console_users(self) -> dict[str, ConsoleUser]:
+        """DROP_CONSOLE_USERS by name; empty: the console is off."""
+        raw = self.console_users_raw.get_secret_value() if self.console_users_raw else ""
+        return {u.name: u for u in parse_console_users(raw)} if raw.strip() else {}
+
     @field_validator("redis_namespace")
     @classmethod
     def _namespace_is_a_key_prefix(cls, value: str) -> str:
@@ -144,6 +164,45 @@ class Settings(BaseSettings):
             "SLACK_WEBHOOK_URL": self.slack_webhook_url,
         }
         return [name for name in PRODUCTION_REQUIRED if not values[name]]
+
+
+CONSOLE_ROLES = ("viewer", "operator")
+CONSOLE_HASH_PREFIX = "$argon2id$"
+
+
+@dataclass(frozen=True)
+class ConsoleUser:
+    name: str
+    role: str  # viewer: sees everything, changes nothing; operator: may replay and purge
+    password_hash: str = field(repr=False)  # Argon2id, as `drop-jobs console hash-password` prints it
+
+    @property
+    def may_act(self) -> bool:
+        return self.role == "operator"
+
+
+# An Argon2 hash has commas of its own (m=65536,t=3,p=4): entries split only at a comma that
+# starts a new `name:role:`.
+_CONSOLE_ENTRY_START = re.compile(r",\s*(?=[A-Za-z0-9._-]+:(?:" + "|".join(CONSOLE_ROLES) + r"):)")
+_CONSOLE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def parse_console_users(raw: str) -> list[ConsoleUser]:
+    """`name:role:hash,…`; a ValueError names the entry's position and what is wrong, never a value."""
+    users: list[ConsoleUser] = []
+    for position, entry in enumerate(_CONSOLE_ENTRY_START.split(raw.strip()), start=1):
+        name, _, rest = entry.strip().partition(":")
+        role, _, password_hash = rest.partition(":")
+        if not _CONSOLE_NAME.match(name):
+            raise ValueError(f"entry {position}: the name must be 1-64 letters, digits, '.', '_' or '-'")
+        if role not in CONSOLE_ROLES:
+            raise ValueError(f"entry {position}: the role must be viewer or operator")
+        if not password_hash.startswith(CONSOLE_HASH_PREFIX) or ":" in password_hash:
+            raise ValueError(f"entry {position}: the hash must be what `drop-jobs console hash-password` prints")
+        if any(u.name == name for u in users):
+            raise ValueError(f"entry {position}: the name is listed twice")
+        users.append(ConsoleUser(name, role, password_hash))
+    return users
 
 
 # Shorter than this, a secret can be guessed or is a placeholder (`x`, `changeme`).

@@ -143,3 +143,35 @@ def test_staging_checks_secret_lengths_but_allows_local_stand_ins(clean_env):
     clean_env.setenv("SUMSUB_SECRET_KEY", "changeme")
     with pytest.raises(ConfigurationError, match=r"^SUMSUB_SECRET_KEY is shorter than 16"):
         build_settings()
+
+
+# An Argon2id hash as `drop-jobs console hash-password` prints it (commas and '$' included).
+CONSOLE_HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaA"
+
+
+def test_console_users_are_parsed_despite_the_commas_in_their_hashes(clean_env):
+    clean_env.setenv("DROP_CONSOLE_USERS", f"kari:operator:{CONSOLE_HASH}, ola:viewer:{CONSOLE_HASH}")
+    users = build_settings().console_users
+    assert {n: (u.role, u.password_hash) for n, u in users.items()} == {
+        "kari": ("operator", CONSOLE_HASH), "ola": ("viewer", CONSOLE_HASH)}
+    assert users["kari"].may_act and not users["ola"].may_act
+    assert CONSOLE_HASH not in repr(users) and CONSOLE_HASH not in repr(build_settings())
+
+
+def test_the_console_is_off_without_users(clean_env):
+    clean_env.delenv("DROP_CONSOLE_USERS", raising=False)
+    assert build_settings().console_users == {}
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    (f"kari:admin:{CONSOLE_HASH}", "entry 1: the role must be viewer or operator"),
+    (f"kari:operator:{CONSOLE_HASH},ola:viewer:plaintext-password", "entry 2: the hash must be"),
+    (f"kari:operator:{CONSOLE_HASH},kari:viewer:{CONSOLE_HASH}", "entry 2: the name is listed twice"),
+    (f"ka ri:viewer:{CONSOLE_HASH}", "entry 1: the name must be"),
+])
+def test_a_malformed_console_user_is_named_by_position_never_by_value(clean_env, value, why):
+    clean_env.setenv("DROP_CONSOLE_USERS", value)
+    with pytest.raises(ConfigurationError) as error:
+        build_settings()
+    assert why in str(error.value) and "DROP_CONSOLE_USERS" in str(error.value)
+    assert "plaintext-password" not in str(error.value) and "argon2" not in str(error.value)
