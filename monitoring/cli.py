@@ -30,6 +30,7 @@ from honcho.environ import parse_procfile
 from psycopg.conninfo import conninfo_to_dict
 
 import jobs
+from db.audit import Audit
 from db.migrate import migrate
 from db.pool import database_url
 from monitoring import demo
@@ -106,6 +107,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
 
+def _cli_audit(action: str, args: argparse.Namespace) -> Audit:
+    """An operator's dlq action from the shell is audited like one from the console."""
+    try:
+        operator = getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container without a passwd entry)
+        operator = "unknown"
+    return Audit(f"cli.dlq.{action}", {"operator": operator, "job": args.job, "all": bool(args.all)})
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     if args.dlq_command == "list":
         rows = dlq.list_dead_letters(limit=args.limit, job=args.job)
@@ -136,14 +146,14 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return 2
     ids = None if args.all else args.ids
     if args.dlq_command == "replay":
-        count = dlq.replay(ids, job=args.job)
+        count = dlq.replay(ids, job=args.job, audit=_cli_audit("replay", args))
         print(f"replayed {count} dead letter(s)")
         return 0
     if args.dlq_command == "purge":
         if not args.yes:
             print("purge deletes dead letters for good; add --yes", file=sys.stderr)
             return 2
-        count = dlq.purge(ids, job=args.job)
+        count = dlq.purge(ids, job=args.job, audit=_cli_audit("purge", args))
         print(f"purged {count} dead letter(s)")
         return 0
     return 2

@@ -92,6 +92,10 @@ def test_dlq_list_show_replay_purge(db, sql, worker, relay, capsys):
     assert main(["dlq", "purge", "--all"]) == 2  # needs --yes
     assert main(["dlq", "purge", "--all", "--yes"]) == 0
     assert "purged 1" in capsys.readouterr().out
+    # Both actions are in audit_log with who did it and the ids touched, as from the console.
+    audited = sql("SELECT action, details FROM audit_log WHERE action LIKE 'cli.dlq.%%' ORDER BY id")
+    assert [a["action"] for a in audited] == ["cli.dlq.replay", "cli.dlq.purge"]
+    assert audited[0]["details"]["dead_letter_ids"] == [ids[0]] and audited[0]["details"]["operator"]
     assert sql("SELECT count(*) AS n FROM dead_letters WHERE replayed_at IS NULL")[0]["n"] == 0
     assert main(["dlq", "list"]) == 0
     assert "no open dead letters" in capsys.readouterr().out
