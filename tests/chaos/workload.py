@@ -129,8 +129,9 @@ def build(db_url: str, sandbox, seeds, *, kyc: int, payments: int, accounts: int
     return w
 
 
-# Rows a running scheduler adds (its minute slots) are not the workload's.
-WORKLOAD_ROWS = "job_outbox WHERE idempotency_key NOT LIKE 'drop:schedule:%%'"
+# The workload's rows are the callers': internal producers (a running scheduler's minute slots,
+# pisp.sweep's re-enqueued polls, follow-up jobs) use the reserved `drop:` prefix (docs/enqueue.md).
+WORKLOAD_ROWS = "job_outbox WHERE idempotency_key NOT LIKE 'drop:%%'"
 
 
 def counts(sql) -> dict[str, int]:
