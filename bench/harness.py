@@ -179,8 +179,8 @@ def _reset_clients(namespace: str | None) -> None:
     close_pool()
     reset_redis()
     get_settings.cache_clear()
-    if namespace is not None and "jobs" in sys.modules:
-        sys.modules["jobs"].broker.namespace = f"{namespace}-dramatiq"
+    if namespace is not None and "jobs.app" in sys.modules:
+        sys.modules["jobs.app"].broker.namespace = f"{namespace}-dramatiq"
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10) -> None:

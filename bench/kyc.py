@@ -95,7 +95,8 @@ def insert_outbox(sb: Sandboxed, first: int, n: int, users: int, *, relayed: boo
 def preload_drop(rows: list[dict]) -> None:
     """What the relay sends for these rows (same message shape), written to Redis up front."""
     import jobs.app
-    from worker.relay import _message_for, enqueue_many
+    from worker.dramatiq_redis import enqueue_many
+    from worker.relay import _message_for
 
     for i in range(0, len(rows), 2000):
         enqueue_many(jobs.app.broker, [_message_for(jobs.app.broker, r)[0] for r in rows[i:i + 2000]])
@@ -141,7 +142,7 @@ def run_noop_raw(n: int, timeout_s: float = 240) -> dict[str, Any]:
     import dramatiq
     from dramatiq.brokers.redis import RedisBroker
 
-    from worker.relay import enqueue_many
+    from worker.dramatiq_redis import enqueue_many
 
     with Sandboxed("noop") as sb:
         raw = RedisBroker(url=sb.redis_url, namespace=f"{sb.namespace}-raw")
@@ -167,7 +168,7 @@ def run_noop_drop(n: int, timeout_s: float = 240) -> dict[str, Any]:
     import dramatiq
 
     import jobs.app
-    from worker.relay import enqueue_many
+    from worker.dramatiq_redis import enqueue_many
 
     with Sandboxed("dnoop") as sb:
         msgs = [dramatiq.Message(queue_name="bench", actor_name="bench.drop_noop", args=(i,), kwargs={}, options={})
