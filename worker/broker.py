@@ -75,23 +75,20 @@ class DropRedisBroker(RedisBroker):
             handlers = cache[name] = [m for m in order if base is None or getattr(type(m), name, None) is not base]
         return handlers
 
-    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        name = "before_" + signal
+    def _emit(self, name: str, passes: tuple[type[BaseException], ...], args: Any, kwargs: Any) -> None:
         for middleware in self._handlers(name):
             try:
                 getattr(middleware, name)(self, *args, **kwargs)
-            except MiddlewareError:
+            except passes:
                 raise
             except Exception:
                 self.logger.critical("Unexpected failure in %s of %r.", name, middleware, exc_info=True)
 
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        self._emit("before_" + signal, (MiddlewareError,), args, kwargs)  # e.g. SkipMessage stops the run
+
     def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        name = "after_" + signal
-        for middleware in self._handlers(name):
-            try:
-                getattr(middleware, name)(self, *args, **kwargs)
-            except Exception:
-                self.logger.critical("Unexpected failure in %s of %r.", name, middleware, exc_info=True)
+        self._emit("after_" + signal, (), args, kwargs)
 
 
 def _prometheus_middleware(settings: Settings) -> dramatiq.Middleware:
