@@ -50,7 +50,7 @@ from jobs.kyc_rules import (
     parse_event,
     verify_delivery,
 )
-from jobs.registry import registry
+from jobs.registry import HIGH_VOLUME_TRACES, registry
 from worker.alerts import send_alert
 from worker.context import mark_outbox_done, request_id
 from worker.outcomes import RunLater
@@ -217,7 +217,8 @@ def process_webhook(body: object, headers: object, received_at: object = None) -
         _alert_status_taken_back(event, decision)
     if outcome == "applied" and decision.screening_result:
         KYC_DECISIONS.labels(result=decision.screening_result).inc()
-    log.info("sumsub webhook %s: %s applicant %s event %s", outcome, event.type, event.applicant_id,
+    # Routine, one per webhook: DEBUG (outcomes are counted in drop_kyc_webhooks_total).
+    log.debug("sumsub webhook %s: %s applicant %s event %s", outcome, event.type, event.applicant_id,
              event.event_id[:19])
     return outcome
 
@@ -258,7 +259,7 @@ def _alert_rejection(delivery: Delivery) -> None:
                key="kyc-webhook-rejected", runbook=_runbook("webhook-rejected"))
 
 
-@registry.job("kyc.sumsub_webhook", queue=QUEUE, max_retries=MAX_RETRIES)
+@registry.job("kyc.sumsub_webhook", queue=QUEUE, max_retries=MAX_RETRIES, traces_share=HIGH_VOLUME_TRACES)
 def sumsub_webhook(body: object = None, headers: object = None, received_at: object = None,
                    **unexpected: Any) -> None:
     """`{body, headers, received_at}`: verify, dedupe, order, apply (docs/kyc.md)."""

@@ -40,7 +40,7 @@ from worker.pii import scrub_text
 from worker.probes import record_job_error
 from worker.relay import run_relay_fork
 from worker.retry import FIRST_BACKOFF_MS, MAX_BACKOFF_MS, MAX_RESCHEDULES, MAX_RETRIES, should_retry
-from worker.sentry import init_sentry
+from worker.sentry import TRACES_SHARE_OPTION, init_sentry
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,9 @@ class OutboxRelayFork(dramatiq.Middleware):
 
 
 class SentryJobs(SentryMiddleware):
+    # A job's share of the environment's trace rate (worker.sentry.traces_rate).
+    actor_options = {TRACES_SHARE_OPTION}  # noqa: RUF012  (Dramatiq reads it as a class attribute)
+
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         set_process_kind("worker")
         install_crash_alerts("worker")
