@@ -38,7 +38,7 @@ from worker.alerts import install_crash_alerts, set_process_kind
 from worker.context import request_id_var
 from worker.pii import scrub_text
 from worker.probes import record_job_error
-from worker.relay import run_relay_fork
+from worker.relay import CHUNK_OPTION, run_relay_fork
 from worker.retry import FIRST_BACKOFF_MS, MAX_BACKOFF_MS, MAX_RESCHEDULES, MAX_RETRIES, should_retry
 from worker.sentry import TRACES_SHARE_OPTION, init_sentry
 
@@ -147,6 +147,9 @@ def dead_letter_job(job: str, queue: str, kwargs: dict[str, Any], exc: BaseExcep
 
 
 class OutboxBookkeeping(dramatiq.Middleware):
+    # A job's chunk job: the relay may send its due rows as one message of that job (worker.relay).
+    actor_options = {CHUNK_OPTION}  # noqa: RUF012  (Dramatiq reads it as a class attribute)
+
     def after_process_message(self, broker, message, *, result=None, exception=None):
         # Popped whatever the outcome: a retried message must not carry the flag (this hook runs
         # before Retries' re-enqueue, since after-hooks run in reverse order).
