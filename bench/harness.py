@@ -162,7 +162,8 @@ class Sandboxed:
         from worker.pool import dramatiq_command, metrics_env
 
         os.environ["DROP_WORKER_METRICS_PORT"] = "0"
-        argv = dramatiq_command(["--processes", str(processes), "--threads", str(threads), "--queues", *queues])
+        argv = dramatiq_command(["--processes", str(processes), "--threads", str(threads),
+                                 *(["--queues", *queues] if queues else [])])
         argv[4:4] = modules  # extra modules go right after the broker module ("jobs")
         return self.start(argv, "drop-pool", **metrics_env(), **extra_env)
 

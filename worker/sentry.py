@@ -51,7 +51,9 @@ def init_sentry(process_kind: str) -> bool:
     settings = get_settings()
     if not settings.sentry_dsn:
         return False
-    rate = TRACES_SAMPLE_RATE.get(settings.drop_env, 0.1)
+    rate = settings.sentry_traces_rate
+    if rate is None:
+        rate = TRACES_SAMPLE_RATE.get(settings.drop_env, 0.1)
     sentry_sdk.init(
         dsn=settings.sentry_dsn.get_secret_value(),
         environment=settings.drop_env,
