@@ -162,7 +162,8 @@ class Sandboxed:
         from worker.pool import dramatiq_command, metrics_env
 
         os.environ["DROP_WORKER_METRICS_PORT"] = "0"
-        argv = dramatiq_command(["--processes", str(processes), "--threads", str(threads), "--queues", *queues])
+        argv = dramatiq_command(["--processes", str(processes), "--threads", str(threads),
+                                 *(["--queues", *queues] if queues else [])])
         argv[4:4] = modules  # extra modules go right after the broker module ("jobs")
         return self.start(argv, "drop-pool", **metrics_env(), **extra_env)
 
@@ -179,8 +180,8 @@ def _reset_clients(namespace: str | None) -> None:
     close_pool()
     reset_redis()
     get_settings.cache_clear()
-    if namespace is not None and "jobs" in sys.modules:
-        sys.modules["jobs"].broker.namespace = f"{namespace}-dramatiq"
+    if namespace is not None and "jobs.app" in sys.modules:
+        sys.modules["jobs.app"].broker.namespace = f"{namespace}-dramatiq"
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10) -> None:

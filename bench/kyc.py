@@ -74,6 +74,9 @@ def webhook_payload(i: int, users: int, base_ms: int) -> dict[str, Any]:
             "received_at": datetime.now(UTC).isoformat()}
 
 
+INSERTED_AT = [0.0]
+
+
 def insert_outbox(sb: Sandboxed, first: int, n: int, users: int, *, relayed: bool) -> list[dict]:
     """n webhook rows in job_outbox (one statement); relayed=True keeps the relay's hands off them."""
     base_ms = int(time.time() * 1000) - 3_600_000
@@ -82,6 +85,7 @@ def insert_outbox(sb: Sandboxed, first: int, n: int, users: int, *, relayed: boo
     with psycopg.connect(sb.db_url, autocommit=True) as conn:
         from psycopg.rows import dict_row
 
+        INSERTED_AT[0] = time.perf_counter()  # the burst's clock starts at the INSERT, payloads signed
         rows = conn.cursor(row_factory=dict_row).execute(
             """INSERT INTO job_outbox (job, payload, idempotency_key, relayed_at)
                SELECT 'kyc.sumsub_webhook', p, k, CASE WHEN %s THEN now() END
@@ -95,7 +99,8 @@ def insert_outbox(sb: Sandboxed, first: int, n: int, users: int, *, relayed: boo
 def preload_drop(rows: list[dict]) -> None:
     """What the relay sends for these rows (same message shape), written to Redis up front."""
     import jobs.app
-    from worker.relay import _message_for, enqueue_many
+    from worker.dramatiq_redis import enqueue_many
+    from worker.relay import _message_for
 
     for i in range(0, len(rows), 2000):
         enqueue_many(jobs.app.broker, [_message_for(jobs.app.broker, r)[0] for r in rows[i:i + 2000]])
@@ -141,7 +146,7 @@ def run_noop_raw(n: int, timeout_s: float = 240) -> dict[str, Any]:
     import dramatiq
     from dramatiq.brokers.redis import RedisBroker
 
-    from worker.relay import enqueue_many
+    from worker.dramatiq_redis import enqueue_many
 
     with Sandboxed("noop") as sb:
         raw = RedisBroker(url=sb.redis_url, namespace=f"{sb.namespace}-raw")
@@ -167,7 +172,7 @@ def run_noop_drop(n: int, timeout_s: float = 240) -> dict[str, Any]:
     import dramatiq
 
     import jobs.app
-    from worker.relay import enqueue_many
+    from worker.dramatiq_redis import enqueue_many
 
     with Sandboxed("dnoop") as sb:
         msgs = [dramatiq.Message(queue_name="bench", actor_name="bench.drop_noop", args=(i,), kwargs={}, options={})
@@ -246,6 +251,79 @@ def run_kyc_outbox(n: int, timeout_s: float = 300) -> dict[str, Any]:
             progress = Progress(n).watch(lambda: outbox_done(sb), timeout_s, procs=sb.procs)
         _check_complete(progress, sb, "drop-pool")
         return _finish("KYC webhooks through the outbox relay", progress, cpu)
+
+
+class SentryReceiver:
+    """A local Sentry endpoint: accepts envelopes (200) and counts them, like sentry.io would."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        receiver = self
+        self.envelopes = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.envelopes += 1
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.dsn = f"http://public@127.0.0.1:{self.server.server_address[1]}/1"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_kyc_deployed(n: int, timeout_s: float = 300, *, sentry: bool = True, chunks: bool = True) -> dict[str, Any]:
+    """The deployed configuration: a burst of `n` webhooks inserted into job_outbox (insert → last
+    effect committed), the Procfile's processes (worker pool with its relay fork, scheduler,
+    monitor), INFO logging, metrics on, Sentry at the production trace rate (10 %) pointed at a
+    local receiver. `chunks=False` keeps the relay from chunking (today's one message per row)."""
+    with Sandboxed("kycdep") as sb:
+        seed_users(sb, n)
+        receiver = SentryReceiver() if sentry else None
+        env = {"DROP_LOG_LEVEL": "INFO", "DROP_SENTRY_TRACES_RATE": "0.1",
+               "DROP_MONITOR_PORT": str(_free_port()), "DROP_SCHEDULER_METRICS_PORT": str(_free_port())}
+        if receiver is not None:
+            env["SENTRY_DSN"] = receiver.dsn
+        modules = () if chunks else ("bench.no_chunks",)
+        procs0 = _process_cpu()
+        pool = sb.start_drop_pool([], modules, DROP_WORKER_METRICS_PORT=str(_free_port()), **env)
+        sb.start([sys.executable, "scheduler.py"], "scheduler", **env)
+        sb.start([sys.executable, "-m", "monitoring"], "monitor", **env)
+        _wait_boot(pool, sb, "drop-pool", 5)  # the relay must be up: here its work is timed
+        insert_outbox(sb, 0, n, n, relayed=False)
+
+        def webhooks_done() -> int:
+            return sb.sql("SELECT count(*) FROM job_outbox WHERE job = 'kyc.sumsub_webhook' "
+                          "AND done_at IS NOT NULL")[0][0]
+
+        with cpu_meter() as cpu:
+            progress = Progress(n).watch(webhooks_done, timeout_s, interval=0.05, procs=sb.procs)
+        total_s = time.perf_counter() - INSERTED_AT[0]
+        cpu_ms = _cpu_ms_per_job(procs0, {"workers": pool.pid}, progress.done)
+        _check_complete(progress, sb, "drop-pool")
+        if receiver is not None:
+            receiver.stop()
+        return _finish(f"KYC burst, deployed ({'Sentry 10 %' if sentry else 'no Sentry'}"
+                       f"{'' if chunks else ', no chunks'})", progress, cpu,
+                       burst_per_s=round(progress.done / total_s, 1), cpu_ms_per_job=cpu_ms,
+                       sentry_envelopes=receiver.envelopes if receiver else 0)
 
 
 def _process_cpu() -> dict:

@@ -71,6 +71,27 @@ def mark_done(conn: Conn, outbox_id: int) -> None:
     conn.execute(MARK_DONE_BY_NAME, {"outbox_id": outbox_id})
 
 
+def mark_done_many(conn: Conn, outbox_ids: Sequence[int]) -> None:
+    """Many jobs' rows done in one statement (a chunk's, with the chunk's effects)."""
+    if outbox_ids:
+        conn.execute("UPDATE job_outbox SET done_at = now() WHERE id = ANY(%s) AND done_at IS NULL",
+                     (list(outbox_ids),))
+
+
+def pending_rows(conn: Conn, outbox_ids: Sequence[int], job: str, *, lock: bool = True) -> list[dict[str, Any]]:
+    """The rows of `job` among `outbox_ids` still to do (not done, not closed), in id order; locked
+    for the caller's transaction (in id order: two chunks never deadlock on them). A row another
+    transaction is finishing is waited for, then left out once it is done."""
+    rows = conn.execute(
+        f"""SELECT id, payload, idempotency_key FROM job_outbox
+             WHERE id = ANY(%s) AND job = %s AND done_at IS NULL AND error IS NULL
+             ORDER BY id{" FOR UPDATE" if lock else ""}""",
+        (list(outbox_ids), job),
+    ).fetchall()
+    return [r if isinstance(r, dict) else dict(zip(("id", "payload", "idempotency_key"), r, strict=True))
+            for r in rows]
+
+
 # --- relay -----------------------------------------------------------------------------------
 
 

@@ -41,7 +41,7 @@ from db import outbox
 from db.outbox import INTERNAL_PRODUCER_CTE
 from db.pool import close_async_pool, get_async_pool, one_row, transaction  # noqa: F401  (close_async_pool: for callers)
 from jobs import aisp_rules as rules
-from jobs.registry import registry
+from jobs.registry import HIGH_VOLUME_TRACES, registry
 from worker.context import note_outbox_done
 from worker.outcomes import RunLater
 from worker.providers.errors import (
@@ -331,7 +331,7 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
 # A sync shell around the coroutine, run on Dramatiq's event loop exactly as an `async def` actor
 # would be: the shell reads the message's outbox id in the worker thread, where CurrentMessage's
 # context variable is set (it is not visible on the loop thread).
-@registry.job(REFRESH_ACCOUNT, queue=QUEUE, time_limit=90_000)
+@registry.job(REFRESH_ACCOUNT, queue=QUEUE, time_limit=90_000, traces_share=HIGH_VOLUME_TRACES)
 def refresh_account(bank_account_id: str, initiated_by: str = "scheduler", psu_ip_address: str | None = None,
                     slot: str | None = None) -> RunLater | None:
     message = CurrentMessage.get_current_message()

@@ -20,7 +20,7 @@ from db.outbox import INTERNAL_PRODUCER_CTE
 from db.pool import get_async_pool, one_row, transaction
 from jobs import aisp
 from jobs import aisp_rules as rules
-from jobs.registry import registry
+from jobs.registry import HIGH_VOLUME_TRACES, registry
 from worker.context import note_outbox_done
 from worker.middleware import dead_letter_job
 from worker.providers.errors import (
@@ -188,7 +188,7 @@ async def _after_failure(bank_account_id: str, slot: datetime, exc: BaseExceptio
                                                      kwargs, exc)
 
 
-@registry.job(aisp.REFRESH_BATCH, queue=aisp.QUEUE, time_limit=120_000)
+@registry.job(aisp.REFRESH_BATCH, queue=aisp.QUEUE, time_limit=120_000, traces_share=HIGH_VOLUME_TRACES)
 def refresh_batch(bank_account_ids: list[str], slot: str) -> None:
     """The fan-out's job: scheduler reads of the accounts due in one second of the slot."""
     message = CurrentMessage.get_current_message()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,7 +29,7 @@ from dramatiq.middleware import CurrentMessage
 from prometheus_client import Counter
 from psycopg.types.json import Jsonb
 
-from db import audit
+from db import audit, outbox
 from db.pool import Conn, transaction
 from jobs import enqueue_internal
 from jobs.kyc_rules import (
@@ -51,16 +52,20 @@ from jobs.kyc_rules import (
     parse_event,
     verify_delivery,
 )
-from jobs.registry import registry
+from jobs.registry import HIGH_VOLUME_TRACES, registry
+from worker import dramatiq_redis
 from worker.alerts import send_alert
 from worker.context import mark_outbox_done, request_id
 from worker.outcomes import RunLater
 from worker.providers import get_sumsub
 from worker.providers.errors import CircuitOpenError, ProviderError
-from worker.retry import MAX_RETRIES, should_retry
+from worker.relay import job_message, request_id_for
+from worker.retry import MAX_RETRIES, PermanentError, should_retry
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+CHUNK_MAX = 500  # outbox ids one chunk message may name (the relay sends up to worker.relay.CHUNK_SIZE)
 
 # --- metrics (no user or applicant ids in labels) -----------------------------------------
 
@@ -95,7 +100,7 @@ def _audit(conn: Conn, user_id: str | None, action: str, details: dict[str, Any]
     audit.record(conn, action, details, user_id=user_id)
 
 
-def _event_details(event: Event) -> dict[str, Any]:
+def _event_details(event: Event, rid: str | None = None) -> dict[str, Any]:
     return {
         "event_id": event.event_id,
         "applicant_id": event.applicant_id,
@@ -104,7 +109,7 @@ def _event_details(event: Event) -> dict[str, Any]:
         "review_answer": event.review_answer,
         "reject_type": event.reject_type,
         "reject_labels": list(event.reject_labels),
-        "request_id": request_id(),
+        "request_id": rid or request_id(),
     }
 
 
@@ -118,55 +123,121 @@ def record_rejection(delivery: Delivery, body: str) -> None:
         mark_outbox_done(conn)
 
 
+@dataclass(frozen=True)
+class Verified:
+    """One webhook ready to apply: verified, parsed, decided, not stale."""
+
+    event: Event
+    decision: Decision
+    request_id: str
+    outbox_id: int | None = None
+
+
+# Effects of many events as multi-row statements (apply_events); each mirrors one statement of
+# the one-event transaction it replaced, in the same order.
+_NEW_EVENTS = """INSERT INTO processed_events (event_id, consumer_group)
+    SELECT e, %s FROM unnest(%s::text[]) AS e ORDER BY e
+    ON CONFLICT DO NOTHING RETURNING event_id"""
+_FORGET_EVENTS = "DELETE FROM processed_events WHERE consumer_group = %s AND event_id = ANY(%s)"
+_USERS = """SELECT id, kyc_applicant_id, kyc_status, kyc_event_at FROM users
+             WHERE kyc_applicant_id = ANY(%s) ORDER BY id FOR UPDATE"""
+_SET_STATUS = """UPDATE users u SET kyc_status = v.status, kyc_event_at = v.event_at, kyc_event_id = v.event_id,
+                                    updated_at = now()
+    FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[]) AS v(id, status, event_at, event_id)
+   WHERE u.id = v.id"""
+_SCREENINGS = """INSERT INTO screening_results (user_id, screening_type, result, provider_ref, provider_event_id,
+                                               review_answer, reject_type, reject_labels)
+    SELECT u, 'kyc', r, p, e, a, t, l
+      FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[])
+           WITH ORDINALITY AS v(u, r, p, e, a, t, l, n) ORDER BY n"""
+_NOTIFICATIONS = """INSERT INTO notifications (user_id, kind, message)
+    SELECT u, k, m FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS v(u, k, m, n) ORDER BY n"""
+
+
+def _newer(current_at: datetime | None, event_at: datetime | None) -> bool:
+    """The status update's guard, `kyc_event_at IS NULL OR kyc_event_at < event_at`, in Python."""
+    return current_at is None or (event_at is not None and current_at < event_at)
+
+
+def apply_events(conn: Conn, items: list[Verified]) -> list[str]:
+    """All effects of these events inside the caller's transaction, exactly as if each were applied
+    alone in list order; returns each one's outcome: applied, audit_only, superseded, duplicate,
+    or unknown_applicant (that event has no effect at all: the caller dead-letters it).
+
+    Dedup first (processed_events, one multi-row insert: a second worker with the same event waits
+    here for the first one's commit), then the users concerned, locked in id order, then each
+    event decided in order against its user's state as the events before it left it, then the
+    effects as one statement per table."""
+    if not items:
+        return []
+    new = {r["event_id"] for r in conn.execute(
+        _NEW_EVENTS, (CONSUMER_GROUP, sorted({i.event.event_id for i in items}))).fetchall()}
+    users = {u["kyc_applicant_id"]: dict(u) for u in conn.execute(
+        _USERS, (sorted({i.event.applicant_id for i in items}),)).fetchall()}
+    outcomes: list[str] = []
+    seen: set[str] = set()
+    audits: list[tuple[str | None, str, Any]] = []
+    screenings: list[tuple[Any, ...]] = []
+    notifications: list[tuple[str, str, str]] = []
+    changed: dict[str, dict[str, Any]] = {}
+    unknown_new: set[str] = set()
+    for item in items:
+        event, decision = item.event, item.decision
+        if event.event_id not in new or event.event_id in seen:
+            outcomes.append("duplicate")  # delivered before, or earlier in this list
+            continue
+        user = users.get(event.applicant_id)
+        if user is None:
+            unknown_new.add(event.event_id)  # as if its transaction had rolled back
+            outcomes.append("unknown_applicant")
+            continue
+        seen.add(event.event_id)
+        details = _event_details(event, item.request_id)
+        if decision.new_status is None:
+            audits.append((user["id"], decision.action, details))
+            outcomes.append("audit_only")
+            continue
+        if not _newer(user["kyc_event_at"], event.event_at):
+            # A newer decision is already applied: record that we saw this one, nothing else.
+            audits.append((user["id"], "kyc.review_superseded", {**details, "superseded_by_newer": True}))
+            outcomes.append("superseded")
+            continue
+        previous = user["kyc_status"]
+        user.update(kyc_status=decision.new_status, kyc_event_at=event.event_at, kyc_event_id=event.event_id)
+        changed[user["id"]] = user
+        if decision.screening_result is not None:
+            screenings.append((user["id"], decision.screening_result, event.applicant_id, event.event_id,
+                               event.review_answer, event.reject_type, Jsonb(list(event.reject_labels))))
+        if decision.notification is not None:
+            notifications.append((user["id"], *decision.notification))
+        if decision.aml_check:
+            enqueue_internal("kyc.aml_check", {"applicant_id": event.applicant_id, "user_id": user["id"],
+                                               "event_id": event.event_id},
+                             key=f"kyc.aml_check:{event.event_id}", conn=conn)
+        audits.append((user["id"], decision.action,
+                       {**details, "from": previous, "to": decision.new_status, "aml_check": decision.aml_check,
+                        "compliance": list(decision.compliance)}))
+        outcomes.append("applied")
+    if unknown_new - seen:
+        conn.execute(_FORGET_EVENTS, (CONSUMER_GROUP, sorted(unknown_new - seen)))
+    if changed:
+        rows = list(changed.values())
+        conn.execute(_SET_STATUS, ([u["id"] for u in rows], [u["kyc_status"] for u in rows],
+                                   [u["kyc_event_at"] for u in rows], [u["kyc_event_id"] for u in rows]))
+    if screenings:
+        conn.execute(_SCREENINGS, [list(column) for column in zip(*screenings, strict=True)])
+    if notifications:
+        conn.execute(_NOTIFICATIONS, [list(column) for column in zip(*notifications, strict=True)])
+    audit.record_many(conn, audits)
+    return outcomes
+
+
 def apply_event(conn: Conn, event: Event, decision: Decision) -> str:
     """All effects of one event inside the caller's transaction; returns the outcome."""
-    first = conn.execute(
-        "INSERT INTO processed_events (event_id, consumer_group) VALUES (%s, %s) "
-        "ON CONFLICT DO NOTHING RETURNING event_id",
-        (event.event_id, CONSUMER_GROUP),
-    ).fetchone()
-    if first is None:  # delivered before (or by the other worker, whose commit we waited for)
-        return "duplicate"
-    lock = " FOR UPDATE" if decision.new_status else ""
-    user = conn.execute(
-        "SELECT id, kyc_status FROM users WHERE kyc_applicant_id = %s" + lock, (event.applicant_id,)
-    ).fetchone()
-    if user is None:
+    [outcome] = apply_events(conn, [Verified(event, decision, request_id())])
+    if outcome == "unknown_applicant":
         raise UnknownApplicant(f"no user has Sumsub applicant {event.applicant_id}")
-    details = _event_details(event)
-    if decision.new_status is None:
-        _audit(conn, user["id"], decision.action, details)
-        return "audit_only"
-    changed = conn.execute(
-        """UPDATE users SET kyc_status = %s, kyc_event_at = %s, kyc_event_id = %s, updated_at = now()
-            WHERE id = %s AND (kyc_event_at IS NULL OR kyc_event_at < %s)
-        RETURNING id""",
-        (decision.new_status, event.event_at, event.event_id, user["id"], event.event_at),
-    ).fetchone()
-    if changed is None:
-        # A newer decision is already applied: record that we saw this one, nothing else.
-        _audit(conn, user["id"], "kyc.review_superseded", {**details, "superseded_by_newer": True})
-        return "superseded"
-    if decision.screening_result is not None:
-        conn.execute(
-            """INSERT INTO screening_results (user_id, screening_type, result, provider_ref,
-                                              provider_event_id, review_answer, reject_type, reject_labels)
-               VALUES (%s, 'kyc', %s, %s, %s, %s, %s, %s)""",
-            (user["id"], decision.screening_result, event.applicant_id, event.event_id, event.review_answer,
-             event.reject_type, Jsonb(list(event.reject_labels))),
-        )
-    if decision.notification is not None:
-        kind, message = decision.notification
-        conn.execute("INSERT INTO notifications (user_id, kind, message) VALUES (%s, %s, %s)",
-                     (user["id"], kind, message))
-    if decision.aml_check:
-        enqueue_internal("kyc.aml_check", {"applicant_id": event.applicant_id, "user_id": user["id"],
-                                           "event_id": event.event_id},
-                         key=f"kyc.aml_check:{event.event_id}", conn=conn)
-    _audit(conn, user["id"], decision.action,
-           {**details, "from": user["kyc_status"], "to": decision.new_status,
-            "aml_check": decision.aml_check, "compliance": list(decision.compliance)})
-    return "applied"
+    return outcome
 
 
 def _webhook_secret() -> bytes:
@@ -217,7 +288,8 @@ def process_webhook(body: object, headers: object, received_at: object = None) -
         _alert_status_taken_back(event, decision)
     if outcome == "applied" and decision.screening_result:
         KYC_DECISIONS.labels(result=decision.screening_result).inc()
-    log.info("sumsub webhook %s: %s applicant %s event %s", outcome, event.type, event.applicant_id,
+    # Routine, one per webhook: DEBUG (outcomes are counted in drop_kyc_webhooks_total).
+    log.debug("sumsub webhook %s: %s applicant %s event %s", outcome, event.type, event.applicant_id,
              event.event_id[:19])
     return outcome
 
@@ -258,11 +330,109 @@ def _alert_rejection(delivery: Delivery) -> None:
                key="kyc-webhook-rejected", runbook=_runbook("webhook-rejected"))
 
 
-@registry.job("kyc.sumsub_webhook", queue=QUEUE, max_retries=MAX_RETRIES)
+WEBHOOK_JOB = "kyc.sumsub_webhook"
+CHUNK_JOB = "kyc.sumsub_webhook_chunk"
+
+
+@registry.job(WEBHOOK_JOB, queue=QUEUE, max_retries=MAX_RETRIES, traces_share=HIGH_VOLUME_TRACES,
+              chunk_with=CHUNK_JOB)
 def sumsub_webhook(body: object = None, headers: object = None, received_at: object = None,
                    **unexpected: Any) -> None:
     """`{body, headers, received_at}`: verify, dedupe, order, apply (docs/kyc.md)."""
     process_webhook(body, headers, received_at)
+
+
+# --- many webhooks in one transaction (the relay's chunks) ----------------------------------
+
+
+def verified(payload: object, secret: bytes, now: datetime, rid: str, outbox_id: int) -> Verified | None:
+    """A webhook the chunk can apply (pure: digest, parse, decide, replay window), or None for one
+    that must run alone, as its own job: rejected, malformed, stale, no secret configured. Those
+    are rare and each has its own recorded outcome, alerts and dead letter (process_webhook)."""
+    if not isinstance(payload, dict):
+        return None
+    try:
+        delivery = verify_delivery(payload.get("body"), payload.get("headers"), secret)
+        if not delivery.ok or delivery.raw is None:
+            return None
+        event = parse_event(delivery.raw)
+        decision = decide(event.type, event.review_answer, event.reject_type, event.reject_labels)
+    except (MalformedWebhook, WebhookSecretMissing):
+        return None
+    if is_stale(event.event_at, now):
+        return None
+    return Verified(event, decision, rid, outbox_id)
+
+
+def _check_chunk(outbox_ids: object) -> list[int]:
+    if not isinstance(outbox_ids, list) or not outbox_ids or len(outbox_ids) > CHUNK_MAX:
+        raise PermanentError(f"outbox_ids must be a list of 1 to {CHUNK_MAX} outbox row ids")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in outbox_ids):
+        raise PermanentError("outbox_ids must be integers")
+    return sorted(set(outbox_ids))
+
+
+def process_chunk(outbox_ids: object) -> dict[int, str]:
+    """The webhooks of these outbox rows in one transaction; returns each row's outcome.
+
+    Each row ends exactly as if it had run alone: applied, audit_only, superseded or duplicate
+    (its row done, in the same transaction as the effects), or, for a row that needs its own
+    outcome (rejected, malformed, stale, unknown applicant), "alone": after the commit it is sent
+    as its own `kyc.sumsub_webhook` message, with its outbox id, and runs as before chunks existed.
+    Rows already done (a redelivered chunk) are left out. A crash before the commit leaves every
+    row as it was; after it, the done rows stay done and the chunk's redelivery sends the rest."""
+    ids = _check_chunk(outbox_ids)
+    secret, now = _webhook_secret(), datetime.now(UTC)
+    try:
+        with transaction() as conn:
+            rows = outbox.pending_rows(conn, ids, WEBHOOK_JOB)
+            by_id = {r["id"]: r for r in rows}
+            items, alone = [], []
+            for row in rows:
+                item = verified(row["payload"], secret, now, request_id_for(row["idempotency_key"]), row["id"])
+                (items.append(item) if item is not None else alone.append(row))
+            outcomes = apply_events(conn, items)
+            alone += [by_id[i.outbox_id] for i, o in zip(items, outcomes, strict=True)
+                      if o == "unknown_applicant" and i.outbox_id is not None]
+            outbox.mark_done_many(conn, [i.outbox_id for i, o in zip(items, outcomes, strict=True)
+                                         if o != "unknown_applicant" and i.outbox_id is not None])
+    except Exception as exc:
+        if should_retry(_attempts_so_far(), exc):
+            raise
+        # A chunk that cannot commit for good: every row runs alone, each to its own outcome.
+        log.warning("kyc chunk of %d rows failed (%s); its rows run one by one", len(ids), type(exc).__name__)
+        with transaction() as conn:
+            _run_alone(outbox.pending_rows(conn, ids, WEBHOOK_JOB, lock=False))
+        return {}
+    result: dict[int, str] = {}
+    for item, outcome in zip(items, outcomes, strict=True):
+        if outcome == "unknown_applicant" or item.outbox_id is None:
+            continue
+        result[item.outbox_id] = outcome
+        WEBHOOKS.labels(outcome=outcome).inc()
+        if outcome == "applied" and item.decision.alert:
+            _alert_status_taken_back(item.event, item.decision)
+        if outcome == "applied" and item.decision.screening_result:
+            KYC_DECISIONS.labels(result=item.decision.screening_result).inc()
+    _run_alone(alone)
+    result.update(dict.fromkeys((r["id"] for r in alone), "alone"))
+    log.debug("kyc chunk: %d rows, %d alone", len(ids), len(alone))
+    return result
+
+
+def _run_alone(rows: list[dict[str, Any]]) -> None:
+    broker = dramatiq_redis.global_broker()
+    actor = broker.get_actor(WEBHOOK_JOB)
+    for row in rows:
+        payload = row["payload"] if isinstance(row["payload"], dict) else {}
+        broker.enqueue(job_message(actor, payload, row["id"], row["idempotency_key"]))
+
+
+@registry.job(CHUNK_JOB, queue=QUEUE, max_retries=MAX_RETRIES, traces_share=HIGH_VOLUME_TRACES)
+def sumsub_webhook_chunk(outbox_ids: list[int]) -> None:
+    """`{outbox_ids}`: the relay's chunk of due `kyc.sumsub_webhook` rows (internal; callers
+    always enqueue one `kyc.sumsub_webhook` row per webhook)."""
+    process_chunk(outbox_ids)
 
 
 # --- AML follow-up ------------------------------------------------------------------------

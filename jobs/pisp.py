@@ -31,7 +31,7 @@ import jobs
 from db import audit as audit_log
 from db.pool import Conn, transaction
 from jobs import payments as rules
-from jobs.registry import registry
+from jobs.registry import HIGH_VOLUME_TRACES, registry
 from worker.alerts import send_alert
 from worker.context import mark_outbox_done, request_id
 from worker.outcomes import RunLater
@@ -500,7 +500,7 @@ def retry_delay_ms(retry_after_s: float) -> int:
     return int(max(retry_after_s, 1.0) * 1000 + random.uniform(100, 1000))
 
 
-@registry.job(POLL_JOB, queue="pisp", time_limit=90_000)
+@registry.job(POLL_JOB, queue="pisp", time_limit=90_000, traces_share=HIGH_VOLUME_TRACES)
 def poll_status(transaction_id: str, due: str | None = None) -> RunLater | None:
     """Payload `{transaction_id}` (SCA callback, ad hoc) or `{transaction_id, due}` (scheduled)."""
     try:

@@ -6,3 +6,6 @@ from __future__ import annotations
 from worker.registry import JobRegistry
 
 registry = JobRegistry()
+
+# A high-volume job's share of the environment's Sentry trace rate (one trace in ten of the others').
+HIGH_VOLUME_TRACES = 0.1

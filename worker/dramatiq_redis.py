@@ -3,7 +3,9 @@
 Dramatiq has no public API for what drop-worker needs here: sending a batch of messages in one
 round trip (the relay), running the broker's maintenance on a timer (bounded redelivery after a
 SIGKILL, worker.redelivery), counting messages per queue and live workers (the monitor), and
-removing one message from the Redis dead-letter set (`drop-jobs dlq purge`). Everything below
+removing one message from the Redis dead-letter set (`drop-jobs dlq purge`), and marking the
+messages it hands back after a worker died (`REDELIVERIES`, read by worker.redelivery's
+CrashGuard at no cost per message). Everything below
 follows `dramatiq/brokers/redis/dispatch.lua` of the pinned release; the layout it documents:
 
     <ns>:<queue>                 list of ready message ids (RPUSH, so index 0 is the oldest)
@@ -11,6 +13,7 @@ follows `dramatiq/brokers/redis/dispatch.lua` of the pinned release; the layout 
     <ns>:<queue>.DQ              the queue's delayed (retry/backoff) messages, the same shape
     <ns>:<queue>.XQ              sorted set of dead-lettered ids (+ `.XQ.msgs`)
     <ns>:__heartbeats__          sorted set: worker id -> last heartbeat (ms)
+    <ns>:__acks__.<worker>.<queue>  set of message ids a worker fetched and has not acked yet
 
 tests/worker/test_dramatiq_redis.py fails when an upgrade changes any of it (the script's ARGV,
 the key names, the broker attributes read here).
@@ -50,6 +53,24 @@ HEARTBEATS = "__heartbeats__"
 MAINTENANCE_ID_PREFIX = "maintenance-"
 RELAY_ID_PREFIX = "relay-"
 NOT_WORKERS = (MAINTENANCE_ID_PREFIX, RELAY_ID_PREFIX)
+# The message option that counts how often a message was taken back from a dead worker (its
+# ack set) and queued again. Set only by run_maintenance(), in the message's own data in Redis,
+# so a worker reads it with the message: a first delivery costs CrashGuard nothing.
+REDELIVERIES = "drop_redeliveries"
+
+# Requeue one dead worker's unacked messages of one queue, each with its new (marked) data.
+# KEYS: the dead worker's ack set, the queue's message hash, the queue list; ARGV: id, data, ….
+# SREM decides who requeues: of two maintenance passes racing, only one moves each message.
+_REQUEUE_MARKED = """
+for i = 1, #ARGV, 2 do
+    local id = ARGV[i]
+    if redis.call('srem', KEYS[1], id) > 0 and redis.call('hexists', KEYS[2], id) > 0 then
+        redis.call('hset', KEYS[2], id, ARGV[i + 1])
+        redis.call('rpush', KEYS[3], id)
+    end
+end
+return 0
+"""
 
 
 def namespace(settings: Settings) -> str:
@@ -113,13 +134,53 @@ def enqueue_many(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message]) 
 
 def run_maintenance(broker: dramatiq.Broker) -> None:
     """Dramatiq's maintenance on every declared queue: requeue dead workers' unacked messages,
-    expire old dead letters. Dramatiq runs it only on a random 0.1 % of broker calls."""
+    expire old dead letters. drop-worker's brokers leave Dramatiq's random maintenance off
+    (worker.broker), so this is the one place that requeues, and it first requeues each dead
+    worker's messages of a work queue itself, counting the redelivery in the message
+    (`REDELIVERIES`); Dramatiq's pass then finds those ack sets empty and does the rest
+    (delayed queues, dead-letter expiry, removing the dead worker's heartbeat)."""
     if not isinstance(broker, RedisBroker):
         return
+    now = current_millis()
     queues = set(broker.get_declared_queues())
-    queues |= {dq_name(q) for q in list(queues) if not q.endswith(".DQ")}
+    work_queues = sorted(q for q in queues if not q.endswith(".DQ"))
+    dead = [w.decode() if isinstance(w, bytes) else w
+            for w in broker.client.zrangebyscore(f"{broker.namespace}:{HEARTBEATS}", 0, now - broker.heartbeat_timeout)]
+    for worker_id in dead:
+        if worker_id.startswith(NOT_WORKERS):
+            continue
+        for queue in work_queues:
+            requeue_marked(broker, worker_id, queue)
+    queues |= {dq_name(q) for q in work_queues}
     for queue in sorted(queues):
-        _dispatch(broker, "qsize", queue, worker_id=f"{MAINTENANCE_ID_PREFIX}{os.getpid()}", do_maintenance=1)
+        _dispatch(broker, "qsize", queue, worker_id=f"{MAINTENANCE_ID_PREFIX}{os.getpid()}", do_maintenance=1,
+                  timestamp=now)
+
+
+def requeue_marked(broker: RedisBroker, worker_id: str, queue: str) -> int:
+    """Requeue a dead worker's unacked messages of `queue`, each with REDELIVERIES raised by one."""
+    client, ns = broker.client, broker.namespace
+    acks, messages = f"{ns}:__acks__.{worker_id}.{queue}", f"{ns}:{queue}.msgs"
+    ids = list(client.smembers(acks))
+    if not ids:
+        return 0
+    argv: list[Any] = []
+    for redis_id, data in zip(ids, client.hmget(messages, ids), strict=True):
+        if data is None:
+            continue  # acked meanwhile, or gone with its queue: Dramatiq's pass drops the id
+        try:
+            message = dramatiq.Message.decode(data)
+        except Exception:  # noqa: S112  (not ours to judge here: Dramatiq's pass requeues it as it is)
+            continue
+        options = {**message.options, REDELIVERIES: int(message.options.get(REDELIVERIES) or 0) + 1}
+        argv += [redis_id, message.copy(options=options).encode()]
+    if not argv:
+        return 0
+    script = getattr(broker, "_drop_requeue_marked", None)
+    if script is None:
+        script = broker._drop_requeue_marked = client.register_script(_REQUEUE_MARKED)  # type: ignore[attr-defined]
+    script(keys=[acks, messages, f"{ns}:{queue}"], args=argv)
+    return len(argv) // 2
 
 
 def declared_queues(names: Iterable[str] = ()) -> list[str]:

@@ -38,9 +38,9 @@ from worker.alerts import install_crash_alerts, set_process_kind
 from worker.context import request_id_var
 from worker.pii import scrub_text
 from worker.probes import record_job_error
-from worker.relay import run_relay_fork
+from worker.relay import CHUNK_OPTION, run_relay_fork
 from worker.retry import FIRST_BACKOFF_MS, MAX_BACKOFF_MS, MAX_RESCHEDULES, MAX_RETRIES, should_retry
-from worker.sentry import init_sentry
+from worker.sentry import TRACES_SHARE_OPTION, init_sentry
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,9 @@ def dead_letter_job(job: str, queue: str, kwargs: dict[str, Any], exc: BaseExcep
 
 
 class OutboxBookkeeping(dramatiq.Middleware):
+    # A job's chunk job: the relay may send its due rows as one message of that job (worker.relay).
+    actor_options = {CHUNK_OPTION}  # noqa: RUF012  (Dramatiq reads it as a class attribute)
+
     def after_process_message(self, broker, message, *, result=None, exception=None):
         # Popped whatever the outcome: a retried message must not carry the flag (this hook runs
         # before Retries' re-enqueue, since after-hooks run in reverse order).
@@ -167,6 +170,9 @@ class OutboxRelayFork(dramatiq.Middleware):
 
 
 class SentryJobs(SentryMiddleware):
+    # A job's share of the environment's trace rate (worker.sentry.traces_rate).
+    actor_options = {TRACES_SHARE_OPTION}  # noqa: RUF012  (Dramatiq reads it as a class attribute)
+
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         set_process_kind("worker")
         install_crash_alerts("worker")

@@ -8,9 +8,14 @@ relay calls it every few seconds), so redelivery after a SIGKILL takes at most
 heartbeat_timeout + MAINTENANCE_INTERVAL_S.
 
 A message whose processing kills the worker (segfault, OOM kill) would be redelivered forever
-(Dramatiq issue #213). `CrashGuard` counts deliveries that never came back: the counter is
-raised before a message is processed and cleared after, whatever the outcome, so it only grows
-across crashes; past MAX_CRASHES the message is dead-lettered with that reason.
+(Dramatiq issue #213). `CrashGuard` counts only redeliveries, so a first delivery — nearly every
+message — costs it nothing: the maintenance pass that takes a dead worker's unacked messages back
+marks each one in its own data in Redis (`dramatiq_redis.REDELIVERIES`). A marked message then
+counts its processing starts in a Redis counter (raised before, cleared after, whatever the
+outcome, so it only grows across crashes); crashes = the one the mark records + the starts since
+that never came back. Past MAX_CRASHES the message is dead-lettered with that reason. A message
+that was only prefetched (not yet running) by the worker that died is marked too: it can be
+counted one crash it did not cause, never more, since its later starts are counted exactly.
 """
 
 from __future__ import annotations
@@ -50,15 +55,16 @@ class MaintenanceTimer:
                 log.exception("broker maintenance pass failed")
 
 
-# INCR + EXPIRE as one atomic command. It was a MULTI/INCR/EXPIRE/EXEC pipeline: the same single
-# round trip, but four commands to pack and four replies to parse in the worker, on every message;
-# with the delete after the job that made CrashGuard the costliest middleware of the KYC path
-# (~20 % of a worker's CPU, docs/benchmarks.md "Profile").
+# INCR + EXPIRE as one atomic command (only for redelivered messages: see the module text).
 _COUNT_DELIVERY = """
 local n = redis.call('incr', KEYS[1])
 redis.call('expire', KEYS[1], ARGV[1])
 return n
 """
+
+
+def redelivered(message: dramatiq.Message) -> bool:
+    return bool(message.options.get(dramatiq_redis.REDELIVERIES))
 
 
 class CrashGuard(dramatiq.Middleware):
@@ -78,8 +84,11 @@ class CrashGuard(dramatiq.Middleware):
         return int(count(keys=[name], args=[self.TTL_S], client=client))
 
     def before_process_message(self, broker, message):
+        if not redelivered(message):
+            return  # a first delivery: no Redis round trip
         client = get_redis()
-        crashes = self._count_delivery(client, self._key(message)) - 1
+        # The mark is one crash; every counted start before this one did not come back either.
+        crashes = self._count_delivery(client, self._key(message))
         if crashes >= MAX_CRASHES:
             client.delete(self._key(message))
             message.options["dead_letter_reason"] = (
@@ -89,7 +98,8 @@ class CrashGuard(dramatiq.Middleware):
             raise SkipMessage(message.options["dead_letter_reason"])
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
-        get_redis().delete(self._key(message))
+        if redelivered(message):
+            get_redis().delete(self._key(message))
 
     def after_skip_message(self, broker, message):
         if "dead_letter_reason" not in message.options:

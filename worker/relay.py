@@ -58,6 +58,13 @@ BATCH_BYTE_BUDGET = 16 * 1024 * 1024
 REDELIVER_AFTER = timedelta(minutes=10)
 # Set by worker.pool: the file the relay fork beats into, watched by the pool wrapper.
 RELAY_HEARTBEAT_FILE_ENV = "DROP_RELAY_HEARTBEAT_FILE"
+# The actor option of a job whose due rows may go as messages of another job, its chunk job
+# (kyc.sumsub_webhook → kyc.sumsub_webhook_chunk); declared by worker.middleware.OutboxBookkeeping.
+CHUNK_OPTION = "chunk_with"
+# Rows of a chunkable job (kyc.sumsub_webhook) go to its chunk job up to this many per message;
+# larger rows always alone (a chunk's payloads are read in one statement, in one worker's memory).
+CHUNK_SIZE = 100
+CHUNK_ROW_MAX_BYTES = 64 * 1024
 _REQUEST_ID_NS = uuid.UUID("5d1f6c1e-2a7b-4d8e-9c43-6f0b1d2e3a45")
 
 
@@ -121,13 +128,45 @@ def _message_for(broker: dramatiq.Broker, row: dict) -> tuple[dramatiq.Message |
         return None, problem
     if not isinstance(payload, dict):
         return None, "payload is not a JSON object"
-    message = actor.message_with_options(
-        kwargs=payload,
-        outbox_id=row["id"],
-        # Deterministic, so a re-relayed job keeps its request id across provider calls.
-        request_id=str(uuid.uuid5(_REQUEST_ID_NS, row["idempotency_key"])),
-    )
-    return message, None
+    return job_message(actor, payload, row["id"], row["idempotency_key"]), None
+
+
+def request_id_for(idempotency_key: str) -> str:
+    """An outbox row's request id: deterministic, so a re-relayed job keeps it across provider calls."""
+    return str(uuid.uuid5(_REQUEST_ID_NS, idempotency_key))
+
+
+def job_message(actor: dramatiq.Actor, payload: dict[str, Any], outbox_id: int,
+                idempotency_key: str) -> dramatiq.Message:
+    """The message of one outbox row (the relay's, and a chunk's hand-off of one of its rows)."""
+    return actor.message_with_options(kwargs=payload, outbox_id=outbox_id,
+                                      request_id=request_id_for(idempotency_key))
+
+
+def chunked(broker: dramatiq.Broker, messages: list[dramatiq.Message],
+            sizes: dict[int, int]) -> list[dramatiq.Message]:
+    """Messages of a job that declares a chunk job (`chunk_with`, worker.middleware) sent as
+    messages of that job with up to CHUNK_SIZE outbox ids each, when more than one is due in this
+    pass; alone, or too large, as they are. Nothing waits for a chunk to fill: a quiet pass sends
+    single messages, exactly as before chunks existed."""
+    groups: dict[str, list[dramatiq.Message]] = {}
+    out: list[dramatiq.Message] = []
+    for message in messages:
+        chunk_job = broker.get_actor(message.actor_name).options.get(CHUNK_OPTION)
+        if chunk_job and sizes.get(message.options["outbox_id"], 0) <= CHUNK_ROW_MAX_BYTES:
+            groups.setdefault(chunk_job, []).append(message)
+        else:
+            out.append(message)
+    for chunk_job, members in groups.items():
+        if len(members) == 1:
+            out.extend(members)
+            continue
+        actor = broker.get_actor(chunk_job)
+        for i in range(0, len(members), CHUNK_SIZE):
+            part = members[i:i + CHUNK_SIZE]
+            out.append(actor.message_with_options(kwargs={"outbox_ids": [m.options["outbox_id"] for m in part]},
+                                                  request_id=part[0].options["request_id"]))
+    return out
 
 
 def _message_or_reason(broker: dramatiq.Broker, row: dict) -> tuple[dramatiq.Message | None, str | None]:
@@ -172,7 +211,7 @@ def relay_once(limit: int = BATCH_SIZE, *, redeliver_after: timedelta = REDELIVE
             messages.append(message)
             sent.append(row["id"])
         del rows
-        dramatiq_redis.enqueue_many(broker, messages)
+        dramatiq_redis.enqueue_many(broker, chunked(broker, messages, {r["id"]: r["size"] for r in sizes}))
         outbox.mark_relayed(conn, sent)
         outbox.close_rejected(conn, rejected)
     for reason, row_id in rejected:

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
 
     slack_webhook_url: SecretStr | None = Field(default=None, validation_alias="SLACK_WEBHOOK_URL")
     sentry_dsn: SecretStr | None = Field(default=None, validation_alias="SENTRY_DSN")
+    # The environment's Sentry trace rate (worker.sentry.TRACES_SAMPLE_RATE) when unset; the
+    # benchmark sets the production rate in development.
+    sentry_traces_rate: float | None = Field(default=None, ge=0.0, le=1.0, validation_alias="DROP_SENTRY_TRACES_RATE")
 
     sca_timeout_seconds: int = Field(default=300, gt=0, le=86_400, validation_alias="SCA_TIMEOUT_SECONDS")
 

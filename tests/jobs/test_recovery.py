@@ -14,6 +14,7 @@ import redis
 import jobs
 from tests.conftest import BASE_REDIS_URL, wait_for
 from tests.worker import crash_actors  # noqa: F401  (declares the actors on the test broker)
+from worker import dramatiq_redis
 from worker.relay import check_broker_epoch, relay_once
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,11 +106,15 @@ def test_sigkilled_worker_messages_are_redelivered_within_30s(db, sql, broker, r
     jobs.enqueue("test.slow_effect", {"n": 1, "seconds": 4})
     first = start_worker(db, redis_namespace, tmp_path)
     wait_for(lambda: sql("SELECT relayed_at FROM job_outbox")[0]["relayed_at"], timeout=30, what="relayed")
-    # In flight, not merely queued: CrashGuard holds the message's delivery count while it runs
-    # (and the job sleeps 4 s before its effect), so the kill below interrupts a running job.
+    # In flight, not merely queued: the worker has taken it (its ack set holds it) and the job
+    # sleeps 4 s before its effect, so the kill below leaves it with the dead worker.
     client = redis.Redis.from_url(BASE_REDIS_URL)
-    wait_for(lambda: list(client.scan_iter(match=f"{redis_namespace}:deliveries:*")), timeout=30,
-             what="the job running in the first worker")
+
+    def in_flight() -> int:
+        stats = dramatiq_redis.queue_stats(client, f"{redis_namespace}-dramatiq", ["crash"])
+        return stats[0]["in_flight"]
+
+    wait_for(lambda: in_flight() == 1, timeout=30, what="the job taken by the first worker")
     stop(first, signal.SIGKILL)
     killed_at = time.monotonic()
     assert effects(sql) == {}

@@ -29,6 +29,13 @@ def leaky_job(body: str, first_name: str, iban: str) -> None:
     raise ValueError(f"bad account {iban} for {user['email']} pid {PID}")
 
 
+@dramatiq.actor(max_retries=0, queue_name="monitoring_sentry_test", traces_share=0.0)
+def untraced_failing_job() -> None:
+    logging.getLogger("jobs.test").info("a routine line: no breadcrumb")
+    logging.getLogger("jobs.test").warning("a warning: a breadcrumb")
+    raise RuntimeError("an error of a job whose traces are never sampled")
+
+
 def decode_envelope(raw: bytes) -> list[dict]:
     items = []
     lines = raw.split(b"\n")
@@ -100,6 +107,34 @@ def test_traces_sample_rates_per_environment():
 
     assert TRACES_SAMPLE_RATE["staging"] == 1.0
     assert TRACES_SAMPLE_RATE["production"] == 0.1
+
+
+def test_job_families_are_traced_at_their_share_and_errors_are_never_sampled(sentry, worker, broker):
+    from sentry_sdk.integrations.redis import RedisIntegration
+
+    from worker.sentry import traces_rate
+
+    def rate(name: str | None, parent: bool | None = None, env_rate: float = 0.1) -> float:
+        return traces_rate({"transaction_context": {"name": name}, "parent_sampled": parent}, env_rate)
+
+    # Production (10 %): the high-volume families at a tenth of it, whatever their enqueuer sampled.
+    for job in ("kyc.sumsub_webhook", "aisp.refresh_account", "aisp.refresh_batch", "pisp.poll_status"):
+        assert rate(job, parent=True) == pytest.approx(0.01), job
+    assert rate("sca.expire_timeouts") == pytest.approx(0.1)
+    assert rate("kyc.aml_check", env_rate=1.0) == 1.0
+    assert rate("not-a-job", parent=True) == 1.0 and rate("not-a-job") == pytest.approx(0.1)
+    # Workers: Sentry's Redis integration (a wrapper around every Redis command) is off.
+    assert sentry_sdk.get_client().get_integration(RedisIntegration) is None
+
+    untraced_failing_job.send()
+    wait_for(lambda: any(i["type"] == "event" and i["payload"].get("exception") for i in events(sentry)),
+             what="the error event of a job traced at 0 %")
+    items = events(sentry)
+    error = next(i["payload"] for i in items if i["type"] == "event" and i["payload"].get("exception"))
+    assert error["tags"]["job"] == "untraced_failing_job"
+    assert not any(i["type"] == "transaction" for i in items)
+    crumbs = [c.get("message") for c in (error.get("breadcrumbs") or {}).get("values", [])]
+    assert "a warning: a breadcrumb" in crumbs and "a routine line: no breadcrumb" not in crumbs
 
 
 def test_breaker_open_more_than_five_minutes_is_a_sentry_high_event(sentry, db, slack):

@@ -146,3 +146,36 @@ def test_reschedules_do_not_use_up_the_transient_retries(db, sql, worker, relay)
     # 4 reschedules, then 3 transient failures (all 3 retries still available), then success.
     assert len(RESCHEDULED) == 8
     assert sql("SELECT count(*) AS n FROM dead_letters")[0]["n"] == 0
+
+
+def test_signals_reach_only_the_middleware_that_handle_them_in_dramatiqs_order(broker):
+    import dramatiq
+
+    calls: list[str] = []
+
+    class Probe(dramatiq.Middleware):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def before_ack(self, broker, message):
+            calls.append(f"before {self.name}")
+
+        def after_ack(self, broker, message):
+            calls.append(f"after {self.name}")
+
+    class Failing(dramatiq.Middleware):
+        def before_ack(self, broker, message):
+            raise RuntimeError("a broken middleware does not stop the others")
+
+    saved = list(broker.middleware)
+    try:
+        broker.emit_before("ack", None)  # cached for the stack as it was
+        broker.middleware[:] = [Probe("a"), Failing(), *saved, Probe("b")]  # the cache notices
+        broker.emit_before("ack", None)
+        broker.emit_after("ack", None)
+    finally:
+        broker.middleware[:] = saved
+    assert calls == ["before a", "before b", "after b", "after a"]
+    calls.clear()
+    broker.emit_before("ack", None)
+    assert calls == []
