@@ -1,10 +1,10 @@
 """The scheduler: APScheduler cron triggers in Europe/Oslo, one leader, every slot fired once.
 
 Any number of replicas may run. The leader holds a PostgreSQL advisory lock on a dedicated
-connection (TCP keepalives make a vanished leader's lock fall within ~30 s); standbys try to
-take it every few seconds. A fire is exact whatever happens to leadership: it inserts
+connection (PostgreSQL's server-side TCP keepalives, db.pool, end a vanished leader's session
+and its lock within ~11 s); standbys try to take it every LEASE_CHECK_INTERVAL_S. A fire is exact whatever happens to leadership: it inserts
 `scheduler_fires (job, slot)` (primary key) and the outbox row with idempotency key
-`schedule:<job>:<slot>` in one transaction, so a slot is enqueued once even if two processes
+`drop:schedule:<job>:<slot>` in one transaction, so a slot is enqueued once even if two processes
 believe they lead (APScheduler cannot share a job store between processes, so exactness lives
 in PostgreSQL, not in APScheduler).
 
