@@ -2,7 +2,8 @@
 
 Any number of replicas may run. The leader holds a PostgreSQL advisory lock on a dedicated
 connection (PostgreSQL's server-side TCP keepalives, db.pool, end a vanished leader's session
-and its lock within ~11 s); standbys try to take it every LEASE_CHECK_INTERVAL_S. A fire is exact whatever happens to leadership: it inserts
+and its lock within ~11 s); standbys try to take it every LEASE_CHECK_INTERVAL_S. A fire is
+exact whatever happens to leadership: it inserts
 `scheduler_fires (job, slot)` (primary key) and the outbox row with idempotency key
 `drop:schedule:<job>:<slot>` in one transaction, so a slot is enqueued once even if two processes
 believe they lead (APScheduler cannot share a job store between processes, so exactness lives

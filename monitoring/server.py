@@ -26,16 +26,17 @@ HANDLER_THREADS = 4
 # An HTTP/1.1 keep-alive connection left idle is closed after this long.
 KEEPALIVE_TIMEOUT_S = 5.0
 _HEADERS = {"Cache-Control": "no-store"}
+HANDLER_POOL = console.HANDLER_POOL
 
 
 async def _health(request: web.Request) -> web.Response:
-    status, body = await asyncio.get_running_loop().run_in_executor(request.app["pool"], run_checks)
+    status, body = await asyncio.get_running_loop().run_in_executor(request.app[HANDLER_POOL], run_checks)
     return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json",
                         headers=_HEADERS)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    payload = await asyncio.get_running_loop().run_in_executor(request.app["pool"], generate_latest, REGISTRY)
+    payload = await asyncio.get_running_loop().run_in_executor(request.app[HANDLER_POOL], generate_latest, REGISTRY)
     response = web.Response(status=200, body=payload, headers=_HEADERS)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
@@ -69,7 +70,7 @@ class MonitorServer:
     def _run(self, host: str, port: int) -> None:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
-        app["pool"] = self._pool
+        app[HANDLER_POOL] = self._pool
         app.router.add_get("/v1/health", _health)
         app.router.add_get("/metrics", _metrics)
         console.install(app)  # /console, only when DROP_CONSOLE_USERS is set

