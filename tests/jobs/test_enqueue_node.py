@@ -22,12 +22,22 @@ def node_pg() -> Path:
     return NODE_DIR
 
 
-def test_a_typescript_style_enqueue_is_processed(node_pg, db, sql, worker, relay, monkeypatch):
-    secret = "node-contract-secret"
-    monkeypatch.setenv("SUMSUB_WEBHOOK_SECRET", secret)
+SECRET = "node-contract-secret"
+
+
+@pytest.fixture
+def node_secret(monkeypatch):
+    """The webhook secret, set before the worker starts: a worker thread reading settings while
+    the cache is cleared could otherwise store the settings read before the change."""
+    monkeypatch.setenv("SUMSUB_WEBHOOK_SECRET", SECRET)
     from worker.settings import get_settings
 
     get_settings.cache_clear()
+    return SECRET
+
+
+def test_a_typescript_style_enqueue_is_processed(node_pg, node_secret, db, sql, worker, relay):
+    secret = node_secret
     env = {**os.environ, "DATABASE_URL": db, "SUMSUB_WEBHOOK_SECRET": secret}
     out = subprocess.run(
         ["node", "enqueue.js", "web_user_1", "applicant_node_1"],

@@ -35,7 +35,14 @@ def start_pool(db_url: str, namespace: str, tmp_path: Path, **extra_env: str) ->
 
 
 def dramatiq_tree(wrapper: psutil.Process) -> list[psutil.Process]:
-    return [p for p in wrapper.children(recursive=True) if "dramatiq" in " ".join(p.cmdline())]
+    found = []
+    for p in wrapper.children(recursive=True):
+        try:
+            if "dramatiq" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:  # a short-lived child (a fork starting up) already gone
+            pass
+    return found
 
 
 def start_pool_and_wait(db_url: str, namespace: str, tmp_path: Path,
