@@ -49,6 +49,10 @@ def _sandbox() -> tuple[SandboxAdmin | None, str]:
         admin = SandboxAdmin(url)
         try:
             if admin.health():
+                # The token is read now that the sandbox answers (it writes its token file before
+                # listening): one read before it was up may be a killed run's stale file (a 401).
+                admin.close()
+                admin = SandboxAdmin(url)
                 if not admin.writes_into(settings.database_url or ""):
                     raise ForeignSandbox(f"the sandbox at {url} writes into another database")
                 return admin, url

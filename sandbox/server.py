@@ -122,15 +122,24 @@ async def serve(host: str, port: int, config: Config | None = None, *, ready=Non
     app = create_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
     await runner.setup()
+
+    def write_token(bound_port: int) -> Path:
+        token_file = admin_token_file(settings.data_dir.resolve(), bound_port)
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.touch(mode=0o600)
+        token_file.chmod(0o600)
+        token_file.write_text(config.admin_token or "")
+        return token_file
+
+    # The token is on disk before the port answers: a client that saw the sandbox up (the demo)
+    # must not read a stale file a killed sandbox left, or none (a 401 at `make run`).
+    if port:
+        write_token(port)
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0]
     url = f"http://{host}:{bound[1]}"
-    token_file = admin_token_file(settings.data_dir.resolve(), bound[1])
-    token_file.parent.mkdir(parents=True, exist_ok=True)
-    token_file.touch(mode=0o600)
-    token_file.chmod(0o600)
-    token_file.write_text(config.admin_token or "")
+    token_file = write_token(bound[1])
     if ready is not None:
         ready(url)
     try:

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,11 @@ class EmbeddedServices:
 
 def start_postgres(data_dir: Path) -> tuple[str, object]:
     try:
-        import pgserver  # optional: the `embedded` extra
+        with warnings.catch_warnings():
+            # platformdirs (pgserver's) warns when XDG_RUNTIME_DIR is unset (root shells, CI):
+            # the first line a new user saw at `make run`; pgserver keeps its data under data_dir.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            import pgserver  # optional: the `embedded` extra
     except ImportError as error:
         raise EmbeddedUnavailable(
             "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
