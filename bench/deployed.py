@@ -6,8 +6,8 @@
 Each round runs, in this order: plain Dramatiq no-op; the no-op through drop-worker's stack;
 KYC bursts through job_outbox in the deployed configuration (bench.kyc.start_deployed: the
 Procfile's processes, INFO logging, metrics, monitor + scheduler, Sentry at 10 % to a local
-receiver) of 2,000 and of 20,000 webhooks; the 2,000 burst without Sentry and without chunks
-(one message per row, as before); Celery running the same per-webhook handler deployed alike
+receiver) of 2,000 and of 20,000 webhooks; the 20,000 burst without Sentry; the 2,000 burst
+without chunks (one message per row, as before); Celery running the same per-webhook handler deployed alike
 (workers running, INFO logging, Sentry, one task sent per webhook) and stripped (preloaded,
 WARNING, no Sentry: the most favourable setup for Celery). Ratios are taken within each round
 and reported as min / median / max over the rounds, beside the absolutes.
@@ -33,7 +33,7 @@ RATIOS = {
     "KYC big burst deployed / noop (goal ≥ 0.6)": ("kyc_big", "noop"),
     "KYC deployed / Celery deployed alike, bursts (goal ≥ 3)": ("kyc", "celery_deployed"),
     "KYC deployed burst / Celery stripped, preloaded steady (goal ≥ 3)": ("kyc", "celery"),
-    "KYC with Sentry / without, bursts (goal ≥ 0.9)": ("kyc", "kyc_nosentry"),
+    "KYC with Sentry / without, big bursts (goal ≥ 0.9)": ("kyc_big", "kyc_nosentry"),
     "KYC chunks / one message per row, bursts": ("kyc", "kyc_nochunks"),
 }
 # The rate each figure is compared by: bursts end to end (insert → last effect committed); the
@@ -76,7 +76,7 @@ def run_rounds(n_rounds: int, jobs: int, big_jobs: int, noop_jobs: int) -> list[
             "kyc": lambda: kyc.run_kyc_deployed(jobs),
             "celery_deployed": lambda: kyc.run_kyc_celery_burst(jobs),
             "kyc_big": lambda: kyc.run_kyc_deployed(big_jobs, timeout_s=600),
-            "kyc_nosentry": lambda: kyc.run_kyc_deployed(jobs, sentry=False),
+            "kyc_nosentry": lambda: kyc.run_kyc_deployed(big_jobs, sentry=False, timeout_s=600),
             "kyc_nochunks": lambda: kyc.run_kyc_deployed(jobs, chunks=False),
             "celery": lambda: kyc.run_kyc_celery(jobs),
         }

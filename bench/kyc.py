@@ -92,7 +92,8 @@ def insert_outbox(sb: Sandboxed, first: int, n: int, users: int, *, relayed: boo
             """INSERT INTO job_outbox (job, payload, idempotency_key, relayed_at)
                SELECT 'kyc.sumsub_webhook', p, k, CASE WHEN %s THEN now() END
                  FROM unnest(%s::jsonb[], %s::text[]) AS t(p, k)"""
-            + (" RETURNING id, job, payload, idempotency_key" if returning else ""),
+            # payload_text: the relay decodes rows from text (worker.relay._message_for)
+            + (" RETURNING id, job, payload, payload::text AS payload_text, idempotency_key" if returning else ""),
             (relayed, payloads, keys),
         )
         rows = cur.fetchall() if returning else []

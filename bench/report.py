@@ -223,7 +223,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     return {"per": per, "dnoop": ratio("dnoop", "noop"), "kyc": ratio("kyc", "noop"),
             "kyc_big": ratio("kyc_big", "noop"), "vs_celery": ratio("kyc", "celery_deployed"),
             "vs_celery_stripped": ratio("kyc", "celery"), "big_vs_celery": ratio("kyc_big", "celery_deployed"),
-            "sentry": ratio("kyc", "kyc_nosentry"), "big_sentry": [], "chunks": ratio("kyc", "kyc_nochunks"),
+            "sentry": ratio("kyc_big", "kyc_nosentry"), "chunks": ratio("kyc", "kyc_nochunks"),
             "calibration": [_num(f.get("calibration_ns_per_loop")) for f in rounds]
             + [_num(f.get("calibration_end_ns_per_loop")) for f in rounds],
             "capacity": [_num(x.get("completed_per_s")) for x in lat.get("capacity", [])],
@@ -261,7 +261,7 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
          f"ours / Celery = {mmm(h['vs_celery_stripped'])}×",
          f"Celery {mmm(per['celery'], 0)} jobs/s steady", goal_text(h["vs_celery_stripped"],
                                                                     lambda v: v >= GOALS["vs_celery"], "≥ 3×")),
-        (f"Sentry cost, burst of {burst} (item 5)", f"deployed / {CONFIG['deployed_nosentry']}",
+        (f"Sentry cost, burst of {big} (item 5)", f"deployed / {CONFIG['deployed_nosentry']}",
          f"with / without = {mmm(h['sentry'])}", f"without Sentry {mmm(per['kyc_nosentry'], 0)} /s",
          goal_text(h["sentry"], lambda v: v >= GOALS["sentry"], "≥ 0.9")),
         (f"chunks, burst of {burst}", f"deployed / {CONFIG['deployed_nochunks']}",
@@ -327,6 +327,7 @@ def cpu_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     kinds = ("workers", "postgres", "redis", "scheduler", "monitor", "bench (this process)", "other processes")
     out = []
     for key, label in (("kyc", "KYC burst, deployed"), ("kyc_big", "KYC big burst, deployed"),
+                       ("kyc_nosentry", "KYC big burst, deployed, no Sentry"),
                        ("kyc_nochunks", "KYC burst, deployed, no chunks"),
                        ("celery_deployed", "Celery burst, deployed alike"), ("celery", "Celery stripped")):
         cells = [mmm([_num((f.get(key, {}).get("cpu_ms_per_job") or {}).get(k, 0.0)) for f in _rounds(results)])
@@ -357,7 +358,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     keys = ["noop", "dnoop", "kyc", "kyc_big", "kyc_nosentry", "kyc_nochunks", "celery_deployed", "celery"]
     labels = ["Dramatiq\nno-op", "drop stack\nno-op", "KYC burst\ndeployed", "KYC big\nburst dep.",
-              "KYC burst\nno Sentry", "KYC burst\nno chunks", "Celery\ndeployed", "Celery\nstripped"]
+              "KYC big\nno Sentry", "KYC burst\nno chunks", "Celery\ndeployed", "Celery\nstripped"]
     meds = [median(per[k]) for k in keys]
     lo = [m - min(_vals(per[k]) or [m]) for k, m in zip(keys, meds, strict=True)]
     hi = [max(_vals(per[k]) or [m]) - m for k, m in zip(keys, meds, strict=True)]
@@ -424,8 +425,8 @@ def markdown(results: dict[str, Any]) -> str:
            f"| load average (1, 5, 15 min) | start {m['load_at_start']}, end {results.get('load_at_end')} |",
            f"| worker shape | {results['shape']} (the Procfile's) for every queue system |",
            f"| rounds | {sizes.get('rounds')} interleaved rounds (each: no-op, drop no-op, KYC burst, Celery "
-           "burst, KYC big burst, no Sentry, no chunks, Celery stripped), then as many latency rounds "
-           "(capacity, 25 %, 75 %) |", "",
+           "burst, KYC big burst, big burst without Sentry, burst without chunks, Celery stripped), then as "
+           "many latency rounds (capacity, 25 %, 75 %) |", "",
            "Every ratio is taken within one round of this run and given as min / median / max over the "
            "rounds; absolutes beside it. Goals are judged on the median. Bursts are timed from the INSERT "
            "of the rows (Celery: from the first task sent) to the last effect committed.", "",
