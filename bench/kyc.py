@@ -431,7 +431,7 @@ CREATE CONSTRAINT TRIGGER bench_done_at AFTER UPDATE OF done_at ON job_outbox
 
 
 def run_latency(rate: float = 500, seconds: float = 20, warmup_s: float = 3, *, deployed: bool = True,
-                producers: int = 8) -> dict[str, Any]:
+                producers: int = 16) -> dict[str, Any]:
     """Enqueue→effect committed at a steady rate: one web-tier style INSERT per webhook (autocommit,
     the row's `created_at` is the enqueue time), from `producers` connections taking turns on one
     schedule, through the relay (which chunks whatever is due in its pass, never waiting for a chunk
