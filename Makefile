@@ -41,8 +41,10 @@ chaos: install
 	DROP_CHAOS_SCALE=$${DROP_CHAOS_SCALE:-10} DROP_CHAOS_LONG=1 DROP_CHAOS_FIGURES=.data/chaos-figures.jsonl \
 		$(BIN)/python -m pytest tests/chaos -q -s -p no:cacheprovider
 
-# Not part of `make test`: ~10 minutes on 2 cores. BENCH_ARGS=--quick for a fast pass,
-# BENCH_ARGS="--soak-jobs 500000" for the long soak.
+# Not part of `make test`: ~25-30 minutes on 2 cores, the deployed configuration first (interleaved
+# rounds, latency at 25/75 % of capacity), the 1,000,000-job soak (~8-10 min) last; regenerates
+# docs/benchmarks.{md,png,json}. BENCH_ARGS=--quick for a fast pass (~10 min),
+# BENCH_ARGS="--soak-jobs 200000" for a shorter soak, BENCH_ARGS="--rounds 5" for more rounds.
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench report $(BENCH_ARGS)

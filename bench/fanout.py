@@ -56,6 +56,7 @@ def _queued(client: redis.Redis, namespace: str) -> tuple[int, int]:
 def run(accounts: int, sample: int) -> dict[str, Any]:
     import jobs.app
     from jobs import aisp, aisp_batch
+    from worker import dramatiq_redis
     from worker import relay as outbox
 
     with Sandboxed("fanout") as sb:
@@ -72,8 +73,9 @@ def run(accounts: int, sample: int) -> dict[str, Any]:
         print(f"  fan-out: {enqueued} refreshes as {rows} outbox rows in {fanout_s:.1f} s", flush=True)
 
         # 2a. The old relay path on a sample: one Redis round trip per message.
-        pipelined = outbox.enqueue_many
-        outbox.enqueue_many = lambda broker, messages: [broker.enqueue(m) for m in messages]  # type: ignore
+        # (the relay sends through worker.dramatiq_redis.enqueue_many: replaced there for the sample)
+        pipelined = dramatiq_redis.enqueue_many
+        dramatiq_redis.enqueue_many = lambda broker, messages: [broker.enqueue(m) for m in messages]  # type: ignore
         try:
             t0 = time.perf_counter()
             old_sent = 0
@@ -85,7 +87,7 @@ def run(accounts: int, sample: int) -> dict[str, Any]:
                     break
             old_s = time.perf_counter() - t0
         finally:
-            outbox.enqueue_many = pipelined  # type: ignore[assignment]
+            dramatiq_redis.enqueue_many = pipelined  # type: ignore[assignment]
         print(f"  relay, one round trip per message: {old_sent} rows in {old_s:.1f} s "
               f"({old_sent / old_s:.0f}/s)", flush=True)
 

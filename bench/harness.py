@@ -137,7 +137,9 @@ class Sandboxed:
         with psycopg.connect(self.base_db, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{self.schema}" CASCADE')
         client = redis.Redis.from_url(self.redis_url)
-        for pattern in (f"{self.namespace}:*", f"{self.namespace}-dramatiq:*", f"{self.namespace}-celery:*"):
+        # (-raw: bench.noop_raw's plain RedisBroker, whose heartbeats were left behind before)
+        for pattern in (f"{self.namespace}:*", f"{self.namespace}-dramatiq:*", f"{self.namespace}-celery:*",
+                        f"{self.namespace}-raw:*"):
             keys = list(client.scan_iter(match=pattern, count=5000))
             for i in range(0, len(keys), 1000):
                 client.delete(*keys[i:i + 1000])
