@@ -512,6 +512,12 @@ def get_async_neonomics() -> AsyncNeonomicsClient:
         return client
 
 
+def forget_async_clients() -> None:
+    """Drop every loop's cached clients (tests: a sandbox reset invalidates their tokens)."""
+    with _async_lock:
+        _async_clients.clear()
+
+
 async def close_async_neonomics() -> None:
     """Close the running loop's clients (tests, shutdown)."""
     with _async_lock:
