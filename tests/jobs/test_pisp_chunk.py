@@ -246,24 +246,13 @@ def test_a_worker_killed_mid_chunk_loses_nothing_and_doubles_nothing(db, sql, sa
     """SIGKILL while the chunk's apply transaction is open (held there by a slow trigger): PostgreSQL
     rolls it back, CrashGuard's redelivery runs the chunk again in a second worker, each effect once."""
     import os
-    import signal
 
-    from tests.jobs.test_recovery import start_worker, stop
+    from tests.jobs.test_recovery import kill_mid_audit_insert, start_worker, stop
 
     ps = [make_payment(sql, sandbox, status="ACSC") for _ in range(30)]
-    sql("""CREATE FUNCTION slow_audit() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$""")
-    sql("CREATE TRIGGER slow_audit AFTER INSERT ON audit_log FOR EACH STATEMENT EXECUTE FUNCTION slow_audit()")
-    enqueue_polls(ps)
     env = {k: os.environ[k] for k in ("NEONOMICS_API_URL", "NEONOMICS_CLIENT_ID", "NEONOMICS_CLIENT_SECRET")}
+    kill_mid_audit_insert(sql, db, redis_namespace, tmp_path, lambda: enqueue_polls(ps), **env)
     env["DROP_WORKER_HEARTBEAT_TIMEOUT_MS"] = "2000"
-    first = start_worker(db, redis_namespace, tmp_path, **env)
-    try:
-        wait_for(lambda: sql("SELECT 1 FROM pg_stat_activity WHERE state = 'active' "
-                             "AND query LIKE 'INSERT INTO audit_log%%'"), timeout=60, what="the chunk mid-apply")
-    finally:
-        stop(first, signal.SIGKILL)
-    sql("DROP TRIGGER slow_audit ON audit_log")
     assert sql("SELECT count(*) AS n FROM job_outbox WHERE done_at IS NOT NULL")[0]["n"] == 0
     assert all(tx(sql, p["id"])["status"] == "processing" for p in ps)
     reads_before = sandbox.count("neonomics.status")
