@@ -8,5 +8,6 @@ BENCHMARKS = {
     "middleware": ("bench.middleware_cost", "per-message cost of each worker middleware (µs), and of calling them"),
     "deployed": ("bench.deployed", "issue 15: deployed KYC burst vs no-op, Celery, no Sentry, no chunks; rounds"),
     "kyc": ("bench.kyc", "KYC webhooks vs the Dramatiq no-op limit and vs Celery; latency, soak, profile"),
+    "polls": ("bench.polls", "issue 15 item 6: payment polls, sync path before vs async chunks, rounds; AISP beside"),
     "console": ("bench.console", "console page render times (overview, dead-letter search, jobs), 100k outbox rows"),
 }
