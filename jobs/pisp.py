@@ -36,7 +36,7 @@ from jobs import payments as rules
 from jobs.registry import HIGH_VOLUME_TRACES, registry
 from worker import dramatiq_redis
 from worker.alerts import send_alert
-from worker.breaker import NEONOMICS_PISP
+from worker.breaker import NEONOMICS_PISP, get_breaker
 from worker.context import (
     attempts_so_far,
     current_outbox_id,
@@ -430,8 +430,11 @@ def after_commit(applied: Applied | None) -> None:
 
 CHUNK_JOB = "pisp.poll_status_chunk"
 CHUNK_MAX = 500  # outbox ids one chunk message may name (the relay sends up to worker.relay.CHUNK_SIZE)
-# Provider reads of one run in flight at once (the loop's async client has 128 connections).
+# Provider reads of one run in flight at once (the loop's async client has 128 connections):
+# INITIAL_WINDOW first, WINDOW_GROWTH more for each success (4, 16, 64, 100 per round trip).
 READ_CONCURRENCY = 100
+INITIAL_WINDOW = 4
+WINDOW_GROWTH = 3
 # A payment that changed between its read and the apply is read again, at most this many rounds
 # in one run; after that (or while another job holds its row) it is busy and runs again shortly.
 MAX_ROUNDS = 3
@@ -586,20 +589,32 @@ def _read_statuses(requests: list[tuple[str, str | None]]) -> list[_Read]:
 
 async def _read_all(requests: list[tuple[str, str | None]]) -> list[_Read]:
     client = get_async_neonomics()
-    # One breaker admission for the run while it is closed (the requests leave together anyway).
+    breaker = get_breaker(NEONOMICS_PISP)
+    # One breaker admission for the run while it is closed, and a slow start: a few requests
+    # first, more as they succeed. Once the run has seen as many transient failures as open the
+    # breaker, every request not yet sent asks the breaker itself (refused while it is open), so
+    # a failing provider gets about what the one-request-per-thread path sent it, not a batch.
     admitted = client.admit_many(NEONOMICS_PISP)
-    gate = asyncio.Semaphore(READ_CONCURRENCY)
+    gate = asyncio.Semaphore(INITIAL_WINDOW)
+    window, failures = [INITIAL_WINDOW], [0]
 
     async def one(payment_id: str, rid: str | None) -> _Read:
         async with gate:
             try:
-                status = await client.get_payment_status(payment_id, request_id=rid, admitted=admitted)
+                status = await client.get_payment_status(payment_id, request_id=rid,
+                                                         admitted=admitted and failures[0] < breaker.fail_max)
             except NotFoundError:
                 return _Read(_seen(rules.NOT_FOUND), 1)
             except ProviderPermanentError as exc:
                 return _Read(None, 1, unusable=exc)
             except Exception as exc:  # breaker open, 5xx, timeout (retried); anything else dead-letters
+                if not isinstance(exc, CircuitOpenError):
+                    failures[0] += 1
                 return _Read(failed=exc)
+            grow = min(WINDOW_GROWTH, READ_CONCURRENCY - window[0])
+            window[0] += grow
+            for _ in range(grow):
+                gate.release()
         return _Read(_seen(status.transaction_status), 1)
 
     return list(await asyncio.gather(*(one(p, r) for p, r in requests)))
