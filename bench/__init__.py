@@ -9,5 +9,6 @@ BENCHMARKS = {
     "deployed": ("bench.deployed", "issue 15: deployed KYC bursts (2,000, 20,000) vs no-op, Celery, no Sentry, no "
                  "chunks; latency at 25/75 % of capacity; interleaved rounds"),
     "kyc": ("bench.kyc", "KYC webhooks vs the Dramatiq no-op limit and vs Celery; latency, soak, profile"),
+    "polls": ("bench.polls", "issue 15 item 6: payment polls, sync path before vs async chunks, rounds; AISP beside"),
     "console": ("bench.console", "console page render times (overview, dead-letter search, jobs), 100k outbox rows"),
 }

@@ -22,16 +22,14 @@ single-round-trip statements (reserve, apply) per read.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import CurrentMessage
 from prometheus_client import Counter
 from psycopg.types.json import Jsonb
@@ -43,6 +41,7 @@ from db.pool import close_async_pool, get_async_pool, one_row, transaction  # no
 from jobs import aisp_rules as rules
 from jobs.registry import HIGH_VOLUME_TRACES, registry
 from worker.context import note_outbox_done
+from worker.loop import run_coroutine
 from worker.outcomes import RunLater
 from worker.providers.errors import (
     AccessExceededError,
@@ -318,14 +317,6 @@ async def refresh_handled(bank_account_id: str, initiated_by: str = "scheduler",
                           *, now: datetime | None = None, outbox_id: int | None = None) -> RefreshResult:
     """`refresh` (kept under this name for callers: handled answers are results in both)."""
     return await refresh(bank_account_id, initiated_by, psu_ip_address, now=now, outbox_id=outbox_id)
-
-
-def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on the worker's AsyncIO event loop (like an `async def` actor); asyncio.run outside one."""
-    loop_thread = get_event_loop_thread()
-    if loop_thread is None:
-        return asyncio.run(coro)
-    return loop_thread.run_coroutine(coro)
 
 
 # A sync shell around the coroutine, run on Dramatiq's event loop exactly as an `async def` actor

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from dramatiq.middleware import CurrentMessage
 from prometheus_client import Counter
 from psycopg.types.json import Jsonb
 
@@ -55,7 +54,7 @@ from jobs.kyc_rules import (
 from jobs.registry import HIGH_VOLUME_TRACES, registry
 from worker import dramatiq_redis
 from worker.alerts import send_alert
-from worker.context import mark_outbox_done, request_id
+from worker.context import attempts_so_far, mark_outbox_done, request_id
 from worker.outcomes import RunLater
 from worker.providers import get_sumsub
 from worker.providers.errors import CircuitOpenError, ProviderError
@@ -397,7 +396,7 @@ def process_chunk(outbox_ids: object) -> dict[int, str]:
             outbox.mark_done_many(conn, [i.outbox_id for i, o in zip(items, outcomes, strict=True)
                                          if o != "unknown_applicant" and i.outbox_id is not None])
     except Exception as exc:
-        if should_retry(_attempts_so_far(), exc):
+        if should_retry(attempts_so_far(), exc):
             raise
         # A chunk that cannot commit for good: every row runs alone, each to its own outcome.
         log.warning("kyc chunk of %d rows failed (%s); its rows run one by one", len(ids), type(exc).__name__)
@@ -436,11 +435,6 @@ def sumsub_webhook_chunk(outbox_ids: list[int]) -> None:
 
 
 # --- AML follow-up ------------------------------------------------------------------------
-
-
-def _attempts_so_far() -> int:
-    message = CurrentMessage.get_current_message()
-    return int(message.options.get("retries", 0)) if message is not None else 0
 
 
 def _alert_hit(applicant_id: str, labels: tuple[str, ...], categories: tuple[str, ...]) -> None:
@@ -496,7 +490,7 @@ def run_aml_check(applicant_id: object, user_id: object, event_id: object) -> st
         delay_ms = int(max(exc.retry_after_s, 1.0) * 1000) + random.randint(0, 2000)
         return RunLater(delay_ms, "sumsub circuit open")
     except ProviderError as exc:
-        if should_retry(_attempts_so_far(), exc):
+        if should_retry(attempts_so_far(), exc):
             AML_CHECKS.labels(outcome="error").inc()
             raise
         AML_CHECKS.labels(outcome="failed").inc()

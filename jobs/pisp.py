@@ -17,9 +17,10 @@ duplicates never fork the polling into parallel chains.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,11 +30,23 @@ from prometheus_client import Counter, Histogram
 
 import jobs
 from db import audit as audit_log
+from db import outbox
 from db.pool import Conn, transaction
 from jobs import payments as rules
 from jobs.registry import HIGH_VOLUME_TRACES, registry
+from worker import dramatiq_redis
 from worker.alerts import send_alert
-from worker.context import mark_outbox_done, request_id
+from worker.breaker import NEONOMICS_PISP, get_breaker
+from worker.context import (
+    attempts_so_far,
+    current_outbox_id,
+    mark_outbox_done,
+    note_outbox_done,
+    request_id,
+    using_request_id,
+)
+from worker.loop import run_on_loop
+from worker.middleware import dead_letter_job
 from worker.outcomes import RunLater
 from worker.providers import get_neonomics
 from worker.providers.errors import (
@@ -41,14 +54,17 @@ from worker.providers.errors import (
     NotFoundError,
     ProviderPermanentError,
 )
-from worker.retry import PermanentError
+from worker.providers.neonomics import get_async_neonomics
+from worker.relay import job_message, request_id_for
+from worker.retry import PermanentError, is_transient, should_retry
 
 log = logging.getLogger(__name__)
 
 POLL_JOB = "pisp.poll_status"
 SWEEP_JOB = "pisp.sweep"
 SWEEP_LIMIT = 1000
-# How long a poll waits for a payment another job is working on (its provider call and commit).
+# How long an apply waits for a payment another job is working on (the short apply of another
+# poll, a web tier update); the SCA expiry holds its row across its provider call: busy.
 LOCK_TIMEOUT_MS = 2000
 ACCOUNT_LOCK_TIMEOUT_MS = 15_000
 MAX_ID_LENGTH = 200
@@ -113,21 +129,6 @@ def state_of(row: dict[str, Any]) -> rules.PaymentState:
         poll_step=row["poll_step"],
         has_payment_id=bool(row["payment_id"]),
     )
-
-
-def lock_for_poll(conn: Conn, transaction_id: str) -> dict[str, Any] | None:
-    """The row, locked for this transaction; None if it does not exist; PaymentBusy if another
-    job keeps it locked for longer than LOCK_TIMEOUT_MS."""
-    conn.execute(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}")
-    try:
-        with conn.transaction():  # a savepoint, so a lock timeout does not poison the caller's transaction
-            row = conn.execute(f"SELECT {COLUMNS} FROM transactions WHERE id = %s FOR UPDATE",
-                               (transaction_id,)).fetchone()
-    except psycopg.errors.LockNotAvailable:
-        raise PaymentBusy(transaction_id) from None
-    # The account row (balance restore) may be held by a balance sync for longer; wait more.
-    conn.execute(f"SET LOCAL lock_timeout = {int(ACCOUNT_LOCK_TIMEOUT_MS)}")
-    return row
 
 
 # --- effects (inside the caller's transaction) -----------------------------------------------
@@ -417,7 +418,30 @@ def after_commit(applied: Applied | None) -> None:
             log.exception("could not send alert %s", key)
 
 
-# --- the poll ----------------------------------------------------------------------------------
+# --- the poll: read without a lock, apply in one short transaction ------------------------------
+#
+# A poll (or a chunk of them) reads its transaction rows without locking them, asks the provider
+# for every payment concurrently on the worker's event loop, and then applies all outcomes in one
+# short transaction that locks the rows again and compares each with what was read: a payment
+# that changed in between (a concurrent poll, the SCA expiry, a sweep's duplicate) is planned
+# again on what is there now and, if it still needs one, read again. No PostgreSQL connection or
+# row lock is held across a provider call, and the serial order of effects is what the row lock
+# across the call used to give: a terminal status is never replaced, a duplicate changes nothing.
+
+CHUNK_JOB = "pisp.poll_status_chunk"
+CHUNK_MAX = 500  # outbox ids one chunk message may name (the relay sends up to worker.relay.CHUNK_SIZE)
+# Provider reads of one run in flight at once (the loop's async client has 128 connections):
+# INITIAL_WINDOW first, WINDOW_GROWTH more for each success (4, 16, 64, 100 per round trip).
+READ_CONCURRENCY = 100
+INITIAL_WINDOW = 4
+WINDOW_GROWTH = 3
+# A payment that changed between its read and the apply is read again, at most this many rounds
+# in one run; after that (or while another job holds its row) it is busy and runs again shortly.
+MAX_ROUNDS = 3
+BUSY_DELAY_S = 1.0
+# What a decision depends on: if any of it changed since the read, the read is not applied.
+VERSION = ("status", "failure_reason", "next_poll_at", "timed_out_at", "poll_step", "poll_count", "payment_id")
+_SKIPS = (rules.PollPlan.SKIP_FINAL, rules.PollPlan.SKIP_STALE)
 
 
 def validate_poll_payload(transaction_id: object, due: object) -> None:
@@ -437,22 +461,237 @@ def validate_poll_payload(transaction_id: object, due: object) -> None:
 
 
 def read_status(payment_id: str) -> tuple[str | None, ProviderPermanentError | None]:
-    """(code, unusable-answer error). 404 → NOT_FOUND. Transient errors and an open circuit
-    propagate (retry / reschedule); nothing has been written yet."""
+    """One synchronous read (the SCA expiry's): (code, unusable-answer error). 404 → NOT_FOUND.
+    Transient errors and an open circuit propagate; nothing has been written yet."""
 
     try:
         code = get_neonomics().get_payment_status(payment_id).transaction_status
     except NotFoundError:
-        STATUS_SEEN.labels("not_found").inc()
-        return rules.NOT_FOUND, None
+        return _seen(rules.NOT_FOUND), None
     except CircuitOpenError:
         raise
     except ProviderPermanentError as exc:
         return None, exc
-    STATUS_SEEN.labels(rules.status_label(code)).inc()
-    if rules.status_label(code) == "unknown":
+    return _seen(code), None
+
+
+def _seen(code: str) -> str:
+    """Count a status read (bounded labels) and say so once for a code outside the map."""
+    label = "not_found" if code == rules.NOT_FOUND else rules.status_label(code)
+    STATUS_SEEN.labels(label).inc()
+    if label == "unknown":
         log.warning("payment status code %r is not in the status map; still processing", code[:8])
-    return code, None
+    return code
+
+
+@dataclass(frozen=True)
+class PollItem:
+    """One poll to run: its payload (validated by poll_many), its outbox row and request id."""
+
+    transaction_id: Any
+    due: Any = None
+    outbox_id: int | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PollOutcome:
+    """How one poll ended. `marked`: its outbox row was marked done with its effects. `error`: a
+    dead letter's reason (the effects, if any, are committed), a transient error to retry, or the
+    open circuit; `wait_ms`: run again after this long (breaker open, busy), no retry used."""
+
+    result: str
+    marked: bool = False
+    error: BaseException | None = None
+    wait_ms: int | None = None
+
+    @property
+    def dead(self) -> bool:
+        return self.error is not None and self.wait_ms is None and not is_transient(self.error)
+
+    @property
+    def transient(self) -> bool:
+        return self.error is not None and self.wait_ms is None and is_transient(self.error)
+
+
+@dataclass(frozen=True)
+class _Read:
+    code: str | None = None  # the provider's code, NOT_FOUND, or None (nothing read, or unusable)
+    reads: int = 0
+    unusable: ProviderPermanentError | None = None  # applied (next poll in 5 min), then dead-lettered
+    failed: BaseException | None = None  # nothing to apply: breaker open, transient, or a bug
+
+
+def version(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row[c] for c in VERSION)
+
+
+def poll_many(items: Sequence[PollItem], *, now: datetime | None = None) -> list[PollOutcome]:
+    """Run these polls: one statement to load, the provider reads concurrently (bounded, the
+    breaker admitted once while closed), one transaction to apply; returns each poll's outcome,
+    in order. Nothing is raised for one poll: its error is in its outcome."""
+    now = now or utcnow()
+    outcomes: dict[int, PollOutcome] = {}
+    todo: list[int] = []
+    for i, item in enumerate(items):
+        try:
+            validate_poll_payload(item.transaction_id, item.due)
+            todo.append(i)
+        except PermanentError as exc:
+            outcomes[i] = PollOutcome("invalid", error=exc)
+    for _ in range(MAX_ROUNDS):
+        if not todo:
+            break
+        todo = _poll_round(items, todo, now, outcomes)
+    for i in todo:
+        outcomes[i] = PollOutcome("busy", wait_ms=retry_delay_ms(BUSY_DELAY_S))
+    for outcome in outcomes.values():
+        if outcome.result != "invalid" and outcome.result != "not_found" and not outcome.transient:
+            POLLS.labels(_poll_result_label(outcome)).inc()
+    return [outcomes[i] for i in range(len(items))]
+
+
+def _poll_round(items: Sequence[PollItem], todo: list[int], now: datetime,
+                outcomes: dict[int, PollOutcome]) -> list[int]:
+    """One load → read → apply pass over `todo`; returns the polls to run again (changed rows)."""
+    with transaction() as conn:  # no lock: nothing is held while the provider answers
+        rows = {r["id"]: r for r in conn.execute(f"SELECT {COLUMNS} FROM transactions WHERE id = ANY(%s)",
+                                                  ([items[i].transaction_id for i in todo],)).fetchall()}
+    plans: dict[int, rules.PollPlan] = {}
+    for i in todo:
+        row = rows.get(items[i].transaction_id)
+        if row is None:
+            outcomes[i] = PollOutcome("not_found", error=PermanentError(
+                f"{POLL_JOB}: transaction {items[i].transaction_id} not found"))
+        else:
+            plans[i] = rules.plan_poll(state_of(row), items[i].due)
+    to_read = [i for i, plan in plans.items()
+               if plan not in _SKIPS and rows[items[i].transaction_id]["payment_id"]]
+    read_of = dict(zip(to_read, _read_statuses(
+        [(rows[items[i].transaction_id]["payment_id"], items[i].request_id) for i in to_read]), strict=True))
+    for i, read in read_of.items():
+        if read.failed is not None:
+            del plans[i]
+            if isinstance(read.failed, CircuitOpenError):
+                outcomes[i] = PollOutcome("breaker_open", error=read.failed,
+                                          wait_ms=retry_delay_ms(read.failed.retry_after_s))
+            else:
+                outcomes[i] = PollOutcome("read_failed", error=read.failed)
+    applied, again = _apply(items, plans, rows, read_of, now, outcomes)
+    for one in applied:
+        after_commit(one)
+    return again
+
+
+def _read_statuses(requests: list[tuple[str, str | None]]) -> list[_Read]:
+    return run_on_loop(_read_all(requests)) if requests else []
+
+
+async def _read_all(requests: list[tuple[str, str | None]]) -> list[_Read]:
+    client = get_async_neonomics()
+    breaker = get_breaker(NEONOMICS_PISP)
+    # One breaker admission for the run while it is closed, and a slow start: a few requests
+    # first, more as they succeed. Once the run has seen as many transient failures as open the
+    # breaker, every request not yet sent asks the breaker itself (refused while it is open), so
+    # a failing provider gets about what the one-request-per-thread path sent it, not a batch.
+    admitted = client.admit_many(NEONOMICS_PISP)
+    gate = asyncio.Semaphore(INITIAL_WINDOW)
+    window, failures = [INITIAL_WINDOW], [0]
+
+    async def one(payment_id: str, rid: str | None) -> _Read:
+        async with gate:
+            try:
+                status = await client.get_payment_status(payment_id, request_id=rid,
+                                                         admitted=admitted and failures[0] < breaker.fail_max)
+            except NotFoundError:
+                return _Read(_seen(rules.NOT_FOUND), 1)
+            except ProviderPermanentError as exc:
+                return _Read(None, 1, unusable=exc)
+            except Exception as exc:  # breaker open, 5xx, timeout (retried); anything else dead-letters
+                if not isinstance(exc, CircuitOpenError):
+                    failures[0] += 1
+                return _Read(failed=exc)
+            grow = min(WINDOW_GROWTH, READ_CONCURRENCY - window[0])
+            window[0] += grow
+            for _ in range(grow):
+                gate.release()
+        return _Read(_seen(status.transaction_status), 1)
+
+    return list(await asyncio.gather(*(one(p, r) for p, r in requests)))
+
+
+def _apply(items: Sequence[PollItem], plans: dict[int, rules.PollPlan], rows: dict[str, dict[str, Any]],
+           read_of: dict[int, _Read], now: datetime,
+           outcomes: dict[int, PollOutcome]) -> tuple[list[Applied], list[int]]:
+    """Every planned poll's outcome in one transaction; returns what was applied (metrics and
+    alerts after the commit) and the polls whose row changed since the read (to run again)."""
+    applied: list[Applied] = []
+    again: list[int] = []
+    if not plans:
+        return applied, again
+    settled: dict[int, PollOutcome] = {}
+    with transaction() as conn:
+        # The balance restore may wait for a balance sync holding the account row.
+        conn.execute(f"SET LOCAL lock_timeout = {int(ACCOUNT_LOCK_TIMEOUT_MS)}")
+        mine = [o for i in plans if (o := items[i].outbox_id) is not None]
+        # Outbox rows another run of the same poll already finished: that run's effects stand.
+        open_rows = {r["id"] for r in outbox.pending_rows(conn, mine, POLL_JOB)} if mine else set()
+        fresh = _lock_rows(conn, sorted({items[i].transaction_id for i, p in plans.items() if p not in _SKIPS}))
+        touched: set[str] = set()
+        for i, plan in plans.items():
+            item = items[i]
+            if item.outbox_id is not None and item.outbox_id not in open_rows:
+                settled[i] = PollOutcome("duplicate", marked=True)
+                continue
+            if plan in _SKIPS:
+                settled[i] = PollOutcome(plan.value, marked=True)
+                continue
+            row = fresh.get(item.transaction_id)
+            if row is None:
+                settled[i] = PollOutcome("busy", wait_ms=retry_delay_ms(BUSY_DELAY_S))
+                continue
+            if item.transaction_id in touched or version(row) != version(rows[item.transaction_id]):
+                # Changed since the read (or by an earlier poll of this run): plan again on what is there.
+                replan = rules.plan_poll(state_of(row), item.due)
+                if replan in _SKIPS and item.transaction_id not in touched:
+                    settled[i] = PollOutcome(replan.value, marked=True)
+                else:
+                    again.append(i)
+                continue
+            touched.add(item.transaction_id)
+            read = read_of.get(i, _Read())  # no payment id yet: nothing was read
+            decision = rules.decide_poll(plan, state_of(row), read.code, now, adhoc=item.due is None,
+                                         error=read.unusable is not None)
+            with using_request_id(item.request_id):
+                done = apply_decision(conn, row, decision, read.code, now, reads=read.reads)
+                if read.unusable is not None and done is not None:
+                    error = read.unusable
+                    audit(conn, row, "payment_poll_error", {"error": type(error).__name__, "status": error.status,
+                                                            "codes": list(error.codes)})
+            if done is not None:
+                applied.append(done)
+            settled[i] = PollOutcome(done.action if done else "unchanged", marked=True, error=read.unusable)
+        outbox.mark_done_many(conn, [x for i, o in settled.items()
+                                     if o.marked and o.result != "duplicate" and (x := items[i].outbox_id) is not None])
+    outcomes.update(settled)
+    return applied, again
+
+
+def _lock_rows(conn: Conn, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The rows, locked in id order (two runs never deadlock). A row another job keeps locked for
+    longer than LOCK_TIMEOUT_MS (the SCA expiry during its provider call) is left out: busy."""
+    if not ids:
+        return {}
+    sql = f"SELECT {COLUMNS} FROM transactions WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+    conn.execute(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}")
+    try:
+        with conn.transaction():  # a savepoint: a lock timeout does not poison the apply
+            rows = conn.execute(sql, (ids,)).fetchall()
+    except psycopg.errors.LockNotAvailable:
+        rows = conn.execute(sql + " SKIP LOCKED", (ids,)).fetchall()
+    finally:
+        conn.execute(f"SET LOCAL lock_timeout = {int(ACCOUNT_LOCK_TIMEOUT_MS)}")
+    return {r["id"]: r for r in rows}
 
 
 def poll_payment(transaction_id: str, *, due: str | None = None, now: datetime | None = None) -> str:
@@ -461,38 +700,20 @@ def poll_payment(transaction_id: str, *, due: str | None = None, now: datetime |
     Raises CircuitOpenError (breaker open: nothing written), PaymentBusy, transient provider
     errors (retried), PermanentError for an unknown transaction, and, after committing a
     slower next poll, the provider's permanent error for an unusable answer (dead letter)."""
-    validate_poll_payload(transaction_id, due)
-    now = now or utcnow()
-    error: ProviderPermanentError | None = None
-    with transaction() as conn:
-        row = lock_for_poll(conn, transaction_id)
-        if row is None:
-            raise PermanentError(f"{POLL_JOB}: transaction {transaction_id} not found")
-        plan = rules.plan_poll(state_of(row), due)
-        if plan in (rules.PollPlan.SKIP_FINAL, rules.PollPlan.SKIP_STALE):
-            mark_outbox_done(conn)
-            result = plan.value
-            applied = None
-        else:
-            code = None
-            if row["payment_id"]:
-                code, error = read_status(row["payment_id"])
-            decision = rules.decide_poll(plan, state_of(row), code, now, adhoc=due is None, error=error is not None)
-            applied = apply_decision(conn, row, decision, code, now, reads=1 if row["payment_id"] else 0)
-            if error is not None and applied is not None:
-                audit(conn, row, "payment_poll_error", {"error": type(error).__name__, "status": error.status,
-                                                        "codes": list(error.codes)})
-            mark_outbox_done(conn)
-            result = applied.action if applied else "unchanged"
-    after_commit(applied)
-    POLLS.labels("error" if error else _poll_result_label(result)).inc()
-    if error is not None:
-        raise error  # dead letter with the reason; the next poll is already scheduled (5 min)
-    return result
+    [outcome] = poll_many([PollItem(transaction_id, due, current_outbox_id(), request_id())], now=now)
+    if outcome.marked:
+        note_outbox_done()  # marked in the committed apply: no second transaction
+    if outcome.result == "busy":
+        raise PaymentBusy(transaction_id)
+    if outcome.error is not None:
+        raise outcome.error  # e.g. a dead letter with the reason; the next poll is already scheduled (5 min)
+    return outcome.result
 
 
-def _poll_result_label(result: str) -> str:
-    return {"reschedule": "pending", "complete": "completed", "fail": "failed"}.get(result, result)
+def _poll_result_label(outcome: PollOutcome) -> str:
+    if isinstance(outcome.error, ProviderPermanentError):
+        return "error"
+    return {"reschedule": "pending", "complete": "completed", "fail": "failed"}.get(outcome.result, outcome.result)
 
 
 def retry_delay_ms(retry_after_s: float) -> int:
@@ -500,19 +721,96 @@ def retry_delay_ms(retry_after_s: float) -> int:
     return int(max(retry_after_s, 1.0) * 1000 + random.uniform(100, 1000))
 
 
-@registry.job(POLL_JOB, queue="pisp", time_limit=90_000, traces_share=HIGH_VOLUME_TRACES)
+@registry.job(POLL_JOB, queue="pisp", time_limit=90_000, traces_share=HIGH_VOLUME_TRACES, chunk_with=CHUNK_JOB)
 def poll_status(transaction_id: str, due: str | None = None) -> RunLater | None:
     """Payload `{transaction_id}` (SCA callback, ad hoc) or `{transaction_id, due}` (scheduled)."""
     try:
         poll_payment(transaction_id, due=due)
     except CircuitOpenError as exc:
-        POLLS.labels("breaker_open").inc()
         # After the open period, without using the 3 transient retries.
         return RunLater(retry_delay_ms(exc.retry_after_s), f"circuit {exc.breaker} open")
     except PaymentBusy:
-        POLLS.labels("busy").inc()
-        return RunLater(retry_delay_ms(1.0), "payment busy")
+        return RunLater(retry_delay_ms(BUSY_DELAY_S), "payment busy")
     return None
+
+
+# --- many polls per message (the relay's chunks) -----------------------------------------------
+
+
+def _check_chunk(outbox_ids: object) -> list[int]:
+    if not isinstance(outbox_ids, list) or not outbox_ids or len(outbox_ids) > CHUNK_MAX:
+        raise PermanentError(f"outbox_ids must be a list of 1 to {CHUNK_MAX} outbox row ids")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in outbox_ids):
+        raise PermanentError("outbox_ids must be integers")
+    return sorted(set(outbox_ids))
+
+
+def process_chunk(outbox_ids: object, *, now: datetime | None = None) -> RunLater | None:
+    """The polls of these outbox rows in one run (poll_many); each ends as if it had run alone.
+
+    Done polls are marked with their effects. A dead letter (unknown transaction, bad payload,
+    unusable answer) is recorded for that poll alone, with its outbox row. Breaker open or a busy
+    payment → the chunk runs again later (RunLater) for the rows still open; a transient error →
+    the chunk is retried by Dramatiq's policy for those rows, and once its retries are spent they
+    are dead-lettered, each alone, as a single poll would be. A crash before the apply's commit
+    leaves every row as it was; the redelivered chunk leaves out the rows already done."""
+    ids = _check_chunk(outbox_ids)
+    with transaction() as conn:
+        rows = outbox.pending_rows(conn, ids, POLL_JOB, lock=False)
+    items, alone = [], []
+    for row in rows:
+        payload = row["payload"]
+        if isinstance(payload, dict) and set(payload) <= {"transaction_id", "due"}:
+            items.append(PollItem(payload.get("transaction_id"), payload.get("due"), row["id"],
+                                  request_id_for(row["idempotency_key"])))
+        else:
+            alone.append(row)  # its own message refuses it exactly as before chunks existed
+    _run_alone(alone)
+    try:
+        outcomes = poll_many(items, now=now)
+    except Exception as exc:
+        if should_retry(attempts_so_far(), exc):
+            raise
+        # A chunk that cannot commit for good: every row runs alone, each to its own outcome.
+        log.warning("pisp chunk of %d polls failed (%s); they run one by one", len(items), type(exc).__name__)
+        with transaction() as conn:
+            _run_alone(outbox.pending_rows(conn, [o for i in items if (o := i.outbox_id) is not None], POLL_JOB,
+                                            lock=False))
+        return None
+    waits = [o.wait_ms for o in outcomes if o.wait_ms is not None]
+    retry = [(item, o) for item, o in zip(items, outcomes, strict=True) if o.transient]
+    spent = bool(retry) and not waits and not should_retry(attempts_so_far(), retry[0][1].error or Exception())
+    for item, outcome in zip(items, outcomes, strict=True):
+        if outcome.dead or (spent and outcome.transient):
+            dead_letter_job(POLL_JOB, "pisp", _kwargs(item), outcome.error or Exception(), outbox_id=item.outbox_id)
+    if waits:
+        # Breaker open or busy: the open rows (transient ones too) wait together, no retry used.
+        return RunLater(max(waits), f"{len(waits)} of {len(items)} polls must wait")
+    if retry and not spent:
+        raise retry[0][1].error or RuntimeError("transient")  # Dramatiq's backoff; done rows are left out
+    log.debug("pisp chunk: %d polls, %d alone", len(items), len(alone))
+    return None
+
+
+def _kwargs(item: PollItem) -> dict[str, Any]:
+    return {"transaction_id": item.transaction_id, **({"due": item.due} if item.due is not None else {})}
+
+
+def _run_alone(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    broker = dramatiq_redis.global_broker()
+    actor = broker.get_actor(POLL_JOB)
+    for row in rows:
+        payload = row["payload"] if isinstance(row["payload"], dict) else {}
+        broker.enqueue(job_message(actor, payload, row["id"], row["idempotency_key"]))
+
+
+@registry.job(CHUNK_JOB, queue="pisp", time_limit=120_000, traces_share=HIGH_VOLUME_TRACES)
+def poll_status_chunk(outbox_ids: list[int]) -> RunLater | None:
+    """`{outbox_ids}`: the relay's chunk of due `pisp.poll_status` rows (internal; callers and
+    pisp.sweep always enqueue one `pisp.poll_status` row per poll)."""
+    return process_chunk(outbox_ids)
 
 
 # --- the sweep -----------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextvars
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from dramatiq.middleware import CurrentMessage
 
@@ -17,6 +19,26 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("dro
 def request_id() -> str:
     """The job's request id (propagated as X-Request-ID); a new UUID outside a job."""
     return request_id_var.get() or str(uuid.uuid4())
+
+
+@contextmanager
+def using_request_id(rid: str | None) -> Iterator[None]:
+    """`request_id()` is `rid` inside the block: one item of a batch message writes its own
+    request id (audit rows), not the batch message's."""
+    if rid is None:
+        yield
+        return
+    token = request_id_var.set(rid)
+    try:
+        yield
+    finally:
+        request_id_var.reset(token)
+
+
+def attempts_so_far() -> int:
+    """How many times this job's message has been retried so far (0 on its first run)."""
+    message = CurrentMessage.get_current_message()
+    return int(message.options.get("retries", 0)) if message is not None else 0
 
 
 def current_outbox_id() -> int | None:

@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import functools
 import select
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -209,10 +211,17 @@ class _ReadableCheckBackend(httpcore.AnyIOBackend):
         return _ReadableCheckStream(await super().connect_tcp(*args, **kwargs))
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One default TLS context (certifi's CAs) for every shard of every async client: building it
+    is most of the cost of a transport (~20 ms; a client has 32 shards)."""
+    return httpx.create_ssl_context()
+
+
 def fast_async_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
     """httpx's transport, its httpcore pool using `_ReadableCheckBackend` (asyncio loops only:
     it is what httpcore's auto backend picks there)."""
-    transport = httpx.AsyncHTTPTransport(limits=limits)
+    transport = httpx.AsyncHTTPTransport(limits=limits, verify=_tls_context())
     # httpx has no public way to give its transport a network backend: its pool's private one is
     # replaced (tests/worker/test_http.py fails if an upgrade renames either attribute).
     pool = getattr(transport, "_pool", None)

@@ -138,11 +138,14 @@ def record_dead_letter(message: dramatiq.Message, exc: BaseException | None, *, 
         log.exception("could not record dead letter %s in PostgreSQL", message.message_id)
 
 
-def dead_letter_job(job: str, queue: str, kwargs: dict[str, Any], exc: BaseException) -> None:
-    """A dead letter for a job that never had a message of its own (one account of an AISP batch):
-    replayable like any other, as that job with these arguments."""
+def dead_letter_job(job: str, queue: str, kwargs: dict[str, Any], exc: BaseException, *,
+                    outbox_id: int | None = None) -> None:
+    """A dead letter for a job that never had a message of its own (one account of an AISP batch,
+    one poll of a chunk): replayable like any other, as that job with these arguments; its outbox
+    row, if it has one, is closed with the reason exactly as for a message of its own."""
+    options = {} if outbox_id is None else {"outbox_id": outbox_id}
     message: dramatiq.Message[Any] = dramatiq.Message(queue_name=queue, actor_name=job, args=(), kwargs=kwargs,
-                                                      options={})
+                                                      options=options)
     record_dead_letter(message, exc)
 
 

@@ -20,7 +20,8 @@ from .conftest import figure, scaled
 
 
 def in_flight_outbox_ids(namespace: str) -> set[int]:
-    """Outbox ids of every message a worker holds unacked right now (Dramatiq's ack sets)."""
+    """Outbox ids of every message a worker holds unacked right now (Dramatiq's ack sets), the
+    rows of a chunk message included."""
     client = redis.Redis.from_url(BASE_REDIS_URL, decode_responses=True)
     prefix = f"{namespace}-dramatiq"
     ids: set[int] = set()
@@ -34,9 +35,12 @@ def in_flight_outbox_ids(namespace: str) -> set[int]:
 
             for raw in client.hmget(f"{prefix}:{queue}.msgs", message_ids):
                 if raw:
-                    outbox_id = json.loads(raw).get("options", {}).get("outbox_id")
+                    message = json.loads(raw)
+                    outbox_id = message.get("options", {}).get("outbox_id")
                     if outbox_id is not None:
                         ids.add(int(outbox_id))
+                    # A chunk message (KYC webhooks, payment polls) holds many rows.
+                    ids.update(int(i) for i in message.get("kwargs", {}).get("outbox_ids") or ())
     finally:
         client.close()
     return ids

@@ -389,13 +389,16 @@ def test_scheduler_slot_to_balances_end_to_end_through_outbox_relay_and_worker(d
     [dead] = sql("SELECT job, reason FROM dead_letters")
     assert dead == {"job": "aisp.refresh_account",
                     "reason": "CurrencyMismatchError: account currency NOK, provider balance in SEK"}
-    wait_for(lambda: sandbox.count("neonomics.balances") == 41, what="41 reads")
-    assert sorted({r["path"].split("/")[3] for r in sandbox.requests("neonomics.balances")}) == sorted(
-        f"acc-{i}" for i in ids)
-    assert sql("SELECT count(*) AS n FROM aisp_reads WHERE initiated_by = 'scheduler'")[0]["n"] == 41
     wait_for(lambda: sql("""SELECT count(*) AS n FROM job_outbox
                              WHERE job = 'aisp.refresh_account' AND done_at IS NULL AND error IS NULL""")[0]["n"] == 0,
              what="outbox rows done")
+    # The extra job reads e2e-1 once more if it runs while the batch's read is in flight, and not
+    # at all if it ran first (the batch leaves out an account already read in its slot).
+    reads = sandbox.count("neonomics.balances")
+    assert reads in (40, 41), reads
+    assert sorted({r["path"].split("/")[3] for r in sandbox.requests("neonomics.balances")}) == sorted(
+        f"acc-{i}" for i in ids)
+    assert sql("SELECT count(*) AS n FROM aisp_reads WHERE initiated_by = 'scheduler'")[0]["n"] == reads
 
 
 # --- batches (aisp.refresh_batch) ---------------------------------------------------------------------

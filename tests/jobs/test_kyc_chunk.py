@@ -216,27 +216,17 @@ def test_a_worker_killed_mid_chunk_loses_nothing_and_doubles_nothing(sql, db, us
                                                                     tmp_path):
     """SIGKILL while the chunk's transaction is open (held there by a slow trigger): PostgreSQL rolls
     it back, CrashGuard's redelivery runs the chunk again in a second worker, each effect once."""
-    import signal
 
-    from tests.jobs.test_recovery import start_worker, stop
+    from tests.jobs.test_recovery import kill_mid_audit_insert, start_worker, stop
 
     payloads = scenario(5, n=40)
     for p in payloads:
         process_webhook(**p)
     alone = state(sql)
     reset(sql)
-    sql("""CREATE FUNCTION slow_audit() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$""")
-    sql("CREATE TRIGGER slow_audit AFTER INSERT ON audit_log FOR EACH STATEMENT EXECUTE FUNCTION slow_audit()")
-    outbox_rows(payloads)
     env = {"SUMSUB_WEBHOOK_SECRET": TEST_SECRET, "DROP_WORKER_HEARTBEAT_TIMEOUT_MS": "2000"}
-    first = start_worker(db, redis_namespace, tmp_path, **env)
-    try:
-        wait_for(lambda: sql("SELECT 1 FROM pg_stat_activity WHERE state = 'active' "
-                             "AND query LIKE 'INSERT INTO audit_log%%'"), timeout=60, what="the chunk mid-transaction")
-    finally:
-        stop(first, signal.SIGKILL)
-    sql("DROP TRIGGER slow_audit ON audit_log")
+    kill_mid_audit_insert(sql, db, redis_namespace, tmp_path, lambda: outbox_rows(payloads),
+                          SUMSUB_WEBHOOK_SECRET=TEST_SECRET)
     assert sql("SELECT count(*) AS n FROM job_outbox WHERE done_at IS NOT NULL")[0]["n"] == 0
     second = start_worker(db, redis_namespace, tmp_path, **env)
     try:

@@ -67,6 +67,22 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
+def kill_mid_audit_insert(sql, db_url: str, namespace: str, tmp_path: Path, enqueue, **env: str) -> None:
+    """Hold a worker's transaction open at its audit_log insert (a slow statement trigger), SIGKILL
+    the worker there, drop the trigger: what a crash mid-chunk leaves for the redelivery."""
+    sql("""CREATE FUNCTION slow_audit() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$""")
+    sql("CREATE TRIGGER slow_audit AFTER INSERT ON audit_log FOR EACH STATEMENT EXECUTE FUNCTION slow_audit()")
+    enqueue()
+    first = start_worker(db_url, namespace, tmp_path, DROP_WORKER_HEARTBEAT_TIMEOUT_MS="2000", **env)
+    try:
+        wait_for(lambda: sql("SELECT 1 FROM pg_stat_activity WHERE state = 'active' "
+                             "AND query LIKE 'INSERT INTO audit_log%%'"), timeout=60, what="a job mid-transaction")
+    finally:
+        stop(first, signal.SIGKILL)
+    sql("DROP TRIGGER slow_audit ON audit_log")
+
+
 def effects(sql) -> dict[int, int]:
     rows = sql("SELECT (details->>'n')::int AS n, count(*) AS c FROM audit_log WHERE action = 'test.effect' GROUP BY 1")
     return {r["n"]: r["c"] for r in rows}

@@ -65,5 +65,8 @@ def get_sumsub() -> SumsubClient:
 
 
 def reset_clients() -> None:
-    """Close and forget the cached clients (tests; after settings change)."""
+    """Close and forget the cached clients (tests; after settings change), the async ones too."""
+    from worker.providers.neonomics import forget_async_clients  # as above: after worker.breaker
+
     _clients.clear()
+    forget_async_clients()

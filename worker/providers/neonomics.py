@@ -13,9 +13,9 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -32,6 +32,8 @@ from worker.providers.errors import (
     error_for_transport,
 )
 from worker.settings import get_settings
+
+T = TypeVar("T")
 
 # Balance types in order of preference (docs/aisp.md: prefer `expected`).
 BALANCE_PREFERENCE = ("expected", "interimAvailable", "closingBooked", "interimBooked", "openingBooked")
@@ -144,6 +146,12 @@ class NeonomicsAnswers(ProviderAnswers):
             last = item.get("lastChangeDateTime")
             parsed.append(Balance(balance_type, ore, currency.upper(), last if isinstance(last, str) else None))
         return Balances(account_id, tuple(parsed))
+
+    def _payment_status(self, payment_id: str, response: httpx.Response) -> PaymentStatus:
+        status = self._json(response, "status").get("transactionStatus")
+        if not isinstance(status, str) or not status.isalnum() or len(status) > 8:
+            raise self._malformed("status", "transactionStatus missing or not a code", response.status_code)
+        return PaymentStatus(payment_id, status)
 
 
 class NeonomicsClient(NeonomicsAnswers, ProviderClient):
@@ -283,11 +291,7 @@ class NeonomicsClient(NeonomicsAnswers, ProviderClient):
         path = self.paths.status.format(payment_id=_segment(payment_id))
 
         def attempt() -> PaymentStatus:
-            response = self._authorized("status", "GET", path, headers={})
-            status = self._json(response, "status").get("transactionStatus")
-            if not isinstance(status, str) or not status.isalnum() or len(status) > 8:
-                raise self._malformed("status", "transactionStatus missing or not a code", response.status_code)
-            return PaymentStatus(payment_id, status)
+            return self._payment_status(payment_id, self._authorized("status", "GET", path, headers={}))
 
         return self._guarded(get_breaker(NEONOMICS_PISP), attempt)
 
@@ -417,14 +421,15 @@ class AsyncNeonomicsClient(NeonomicsAnswers):
         raise AssertionError("unreachable")
 
     @staticmethod
-    def admit_many() -> bool:
+    def admit_many(breaker_name: str = NEONOMICS_AISP) -> bool:
         """One breaker admission for requests about to be sent together (a batch of reads).
 
-        True: breaker `neonomics_aisp` is closed; pass `admitted=True` to `get_balances` for
-        each of them (one Redis round trip instead of one per request; each request's failure
-        still counts). False: open or half-open — the caller sends each request unadmitted, so
-        the breaker refuses them or grants its single trial as usual."""
-        breaker = get_breaker(NEONOMICS_AISP)
+        True: the breaker (`neonomics_aisp` for balances, `neonomics_pisp` for payment statuses)
+        is closed; pass `admitted=True` to `get_balances` / `get_payment_status` for each of them
+        (one Redis round trip instead of one per request; each request's failure still counts).
+        False: open or half-open — the caller sends each request unadmitted, so the breaker
+        refuses them or grants its single trial as usual."""
+        breaker = get_breaker(breaker_name)
         try:
             token = breaker._admit()
         except CircuitOpenError:
@@ -451,13 +456,32 @@ class AsyncNeonomicsClient(NeonomicsAnswers):
             response = await self._authorized("balances", "GET", path, headers=headers)
             return self._parse_balances(account_id, self._json(response, "balances"))
 
-        breaker = get_breaker(NEONOMICS_AISP)
+        return await self._through(NEONOMICS_AISP, attempt, admitted)
+
+    async def get_payment_status(self, payment_id: str, *, request_id: str | None = None,
+                                 admitted: bool = False) -> PaymentStatus:
+        """The Berlin Group transactionStatus, one attempt through breaker `neonomics_pisp`
+        (the sync client's answer and errors; retries are the caller's: Dramatiq's policy).
+        `request_id` becomes X-Request-ID (the poll's own, also in its audit row)."""
+        path = self.paths.status.format(payment_id=_segment(payment_id))
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
+
+        async def attempt() -> PaymentStatus:
+            return self._payment_status(payment_id, await self._authorized("status", "GET", path, headers=headers))
+
+        return await self._through(NEONOMICS_PISP, attempt, admitted)
+
+    @staticmethod
+    async def _through(breaker_name: str, attempt: Callable[[], Awaitable[T]], admitted: bool) -> T:
+        """One attempt through the breaker, or, `admitted` by `admit_many()`, with only its
+        outcome reported (a failure counts as it would after a single admission)."""
+        breaker = get_breaker(breaker_name)
         if not admitted:
             return await breaker.call_async(attempt)
         try:
             result = await attempt()
         except BaseException as exc:
-            breaker._outcome(None, exc)  # a failure counts as it would after a single admission
+            breaker._outcome(None, exc)
             raise
         return result  # a closed-state success changes nothing (breaker._on_success)
 
@@ -486,6 +510,12 @@ def get_async_neonomics() -> AsyncNeonomicsClient:
             )
             per_loop[cache_key] = client
         return client
+
+
+def forget_async_clients() -> None:
+    """Drop every loop's cached clients (tests: a sandbox reset invalidates their tokens)."""
+    with _async_lock:
+        _async_clients.clear()
 
 
 async def close_async_neonomics() -> None:
