@@ -58,13 +58,13 @@ from worker.context import attempts_so_far, mark_outbox_done, request_id
 from worker.outcomes import RunLater
 from worker.providers import get_sumsub
 from worker.providers.errors import CircuitOpenError, ProviderError
+from worker.registry import chunk_outbox_ids
 from worker.relay import job_message, request_id_for
-from worker.retry import MAX_RETRIES, PermanentError, should_retry
+from worker.retry import MAX_RETRIES, should_retry
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-CHUNK_MAX = 500  # outbox ids one chunk message may name (the relay sends up to worker.relay.CHUNK_SIZE)
 
 # --- metrics (no user or applicant ids in labels) -----------------------------------------
 
@@ -363,13 +363,6 @@ def verified(payload: object, secret: bytes, now: datetime, rid: str, outbox_id:
     return Verified(event, decision, rid, outbox_id)
 
 
-def _check_chunk(outbox_ids: object) -> list[int]:
-    if not isinstance(outbox_ids, list) or not outbox_ids or len(outbox_ids) > CHUNK_MAX:
-        raise PermanentError(f"outbox_ids must be a list of 1 to {CHUNK_MAX} outbox row ids")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in outbox_ids):
-        raise PermanentError("outbox_ids must be integers")
-    return sorted(set(outbox_ids))
-
 
 def process_chunk(outbox_ids: object) -> dict[int, str]:
     """The webhooks of these outbox rows in one transaction; returns each row's outcome.
@@ -380,7 +373,7 @@ def process_chunk(outbox_ids: object) -> dict[int, str]:
     as its own `kyc.sumsub_webhook` message, with its outbox id, and runs as before chunks existed.
     Rows already done (a redelivered chunk) are left out. A crash before the commit leaves every
     row as it was; after it, the done rows stay done and the chunk's redelivery sends the rest."""
-    ids = _check_chunk(outbox_ids)
+    ids = chunk_outbox_ids(outbox_ids)
     secret, now = _webhook_secret(), datetime.now(UTC)
     try:
         with transaction() as conn:

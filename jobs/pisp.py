@@ -55,6 +55,7 @@ from worker.providers.errors import (
     ProviderPermanentError,
 )
 from worker.providers.neonomics import get_async_neonomics
+from worker.registry import chunk_outbox_ids
 from worker.relay import job_message, request_id_for
 from worker.retry import PermanentError, is_transient, should_retry
 
@@ -429,7 +430,6 @@ def after_commit(applied: Applied | None) -> None:
 # across the call used to give: a terminal status is never replaced, a duplicate changes nothing.
 
 CHUNK_JOB = "pisp.poll_status_chunk"
-CHUNK_MAX = 500  # outbox ids one chunk message may name (the relay sends up to worker.relay.CHUNK_SIZE)
 # Provider reads of one run in flight at once (the loop's async client has 128 connections):
 # INITIAL_WINDOW first, WINDOW_GROWTH more for each success (4, 16, 64, 100 per round trip).
 READ_CONCURRENCY = 100
@@ -737,13 +737,6 @@ def poll_status(transaction_id: str, due: str | None = None) -> RunLater | None:
 # --- many polls per message (the relay's chunks) -----------------------------------------------
 
 
-def _check_chunk(outbox_ids: object) -> list[int]:
-    if not isinstance(outbox_ids, list) or not outbox_ids or len(outbox_ids) > CHUNK_MAX:
-        raise PermanentError(f"outbox_ids must be a list of 1 to {CHUNK_MAX} outbox row ids")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in outbox_ids):
-        raise PermanentError("outbox_ids must be integers")
-    return sorted(set(outbox_ids))
-
 
 def process_chunk(outbox_ids: object, *, now: datetime | None = None) -> RunLater | None:
     """The polls of these outbox rows in one run (poll_many); each ends as if it had run alone.
@@ -754,7 +747,7 @@ def process_chunk(outbox_ids: object, *, now: datetime | None = None) -> RunLate
     the chunk is retried by Dramatiq's policy for those rows, and once its retries are spent they
     are dead-lettered, each alone, as a single poll would be. A crash before the apply's commit
     leaves every row as it was; the redelivered chunk leaves out the rows already done."""
-    ids = _check_chunk(outbox_ids)
+    ids = chunk_outbox_ids(outbox_ids)
     with transaction() as conn:
         rows = outbox.pending_rows(conn, ids, POLL_JOB, lock=False)
     items, alone = [], []

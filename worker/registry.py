@@ -141,3 +141,17 @@ class JobRegistry:
                 dramatiq.actor(as_actor_fn(job.fn), actor_name=job.name, queue_name=job.queue,  # type: ignore[call-overload]
                                broker=broker, **options)  # Dramatiq's overloads do not cover **options
         return {name: broker.get_actor(name) for name in self._jobs}
+
+
+# A chunk message's payload (`{"outbox_ids": [...]}`, sent by worker.relay, which sends up to its
+# CHUNK_SIZE): checked by every chunk job the same way.
+CHUNK_MAX = 500
+
+
+def chunk_outbox_ids(outbox_ids: object) -> list[int]:
+    """The distinct outbox row ids of a chunk message, in id order; PermanentError if malformed."""
+    if not isinstance(outbox_ids, list) or not outbox_ids or len(outbox_ids) > CHUNK_MAX:
+        raise PermanentError(f"outbox_ids must be a list of 1 to {CHUNK_MAX} outbox row ids")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in outbox_ids):
+        raise PermanentError("outbox_ids must be integers")
+    return sorted(set(outbox_ids))
