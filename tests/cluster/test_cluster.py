@@ -91,6 +91,12 @@ def unacked(c: Cluster) -> dict[str, set[str]]:
     return c.core.run(go)
 
 
+def wait_until_every_host_holds_messages(c: Cluster) -> None:
+    """A cut or a kill only proves redelivery while the victim holds unacked messages."""
+    wait_for(lambda: sum(1 for ids in unacked(c).values() if ids) >= 3, timeout=60, interval=0.05,
+             what="every host holding unacked messages")
+
+
 def in_flight_of(c: Cluster, worker_ids: set[str]) -> set[str]:
     return set().union(*(ids for wid, ids in unacked(c).items() if wid in worker_ids))
 
@@ -132,8 +138,7 @@ def test_a_host_cut_off_for_60_s_is_redelivered_elsewhere_and_rejoins(cluster: C
     start_all(c)
     wait_for(lambda: done(c) >= w.jobs // 5, timeout=120, interval=0.5, what="a fifth done")
     cut_host = c.hosts[0]
-    wait_for(lambda: sum(1 for ids in unacked(c).values() if ids) >= 3, timeout=60, interval=0.05,
-             what="every host holding unacked messages")
+    wait_until_every_host_holds_messages(c)
     cut_at = time.monotonic()
     its_workers = workers_of(c, cut_host)  # cuts the host
     held = in_flight_of(c, its_workers)  # a cut host cannot ack: its ack sets stay as they were
@@ -229,8 +234,7 @@ def test_a_whole_host_sigkilled_under_load_loses_and_doubles_nothing(cluster: Cl
     victim = c.hosts[1]
     # Kill while every host's worker holds messages (the ack sets of a SIGKILLed worker stay as
     # they were: what it held is read after the kill).
-    wait_for(lambda: sum(1 for ids in unacked(c).values() if ids) >= 3, timeout=60, interval=0.05,
-             what="every host holding unacked messages")
+    wait_until_every_host_holds_messages(c)
     before = live_workers(c)
     c.kill_host(victim)
     killed_at = time.monotonic()
