@@ -8,6 +8,7 @@ printed and appended to `DROP_CHAOS_FIGURES` (a JSON-lines file) when set.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import hashlib
 import json
@@ -153,11 +154,22 @@ class Processes:
                 proc.wait(10)
 
     def stop_all(self) -> None:
+        import psutil
+
         for proc in self.started:
+            # The pool's Dramatiq runs in a session of its own (worker.pool): its tree, not only
+            # the wrapper's process group, or a pool outlives the test (seen after `make test`).
+            try:
+                tree = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                tree = []
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            for child in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
